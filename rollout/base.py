@@ -1,0 +1,95 @@
+"""The rollout engine protocol: one interface over Hugging Face generate (CPU) and vLLM (GPU).
+
+Log-prob convention (both backends, and the trainer): `RolloutSample.logprobs[t]` is the log
+probability of `token_ids[t]` under the *raw* policy distribution, log_softmax(logits) before
+temperature, top-k or top-p are applied. This is what the trainer recomputes as "old log-probs",
+so the two agree to numerical precision in fp32 whatever the sampling settings are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence, runtime_checkable
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. `temperature == 0` means greedy; `n` samples per prompt."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k filtering (vLLM's convention)
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    num_beams: int = 1  # > 1: beam search (evaluation only; HF backend)
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RolloutSample:
+    """One generated response.
+
+    token_ids: (L,) response token ids, stop token included when generation ended on one.
+    logprobs:  (L,) raw log-probs of those tokens (see the module docstring).
+    """
+
+    prompt_index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: FinishReason
+
+
+@dataclass
+class RolloutOutput:
+    """All samples of one `generate` call, `n` per prompt, grouped prompt-major:
+    samples[i * n + j] is sample j of prompt i."""
+
+    samples: list[RolloutSample] = field(default_factory=list)
+    n: int = 1
+
+    def by_prompt(self) -> list[list[RolloutSample]]:
+        return [self.samples[i : i + self.n] for i in range(0, len(self.samples), self.n)]
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What a driver may ask of a rollout engine."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutOutput:
+        """Generate `params.n` responses for each prompt (given as token ids, no padding)."""
+        ...
+
+    def update_weights(
+        self, *, lora: dict[str, torch.Tensor] | None = None, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Take new policy weights: a LoRA adapter's tensors (peft naming) or a full state dict."""
+        ...
+
+    def sleep(self) -> None:
+        """Release cache memory while training runs colocated on the same device."""
+        ...
+
+    def wake_up(self) -> None:
+        """Retake what `sleep` released."""
+        ...
