@@ -1,0 +1,32 @@
+# Two commands set everything up on a fresh CPU machine:
+#   make demo   creates .venv (CPU torch), then runs the main job on the shipped tiny model
+#   make test   creates .venv, then runs the whole test suite (and the vLLM-on-CPU tests)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch 2.13.0 is a local CPU wheel here; any other torch request pulls a multi-GB CUDA build,
+# so it is installed first and held by constraints.txt while the rest installs.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m align $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+
+clean:
+	rm -rf $(VENV) runs outputs

@@ -1,0 +1,43 @@
+"""`python -m align [group=option ...] [key=value ...]`: one Hydra entry point for every stage.
+
+    python -m align                                   # SFT of the shipped stories260K
+    python -m align algo=sft model=stories260k_lora trainer.max_steps=300
+    python -m align --help                            # the groups and their options
+"""
+
+from __future__ import annotations
+
+import sys
+
+from align.config import CONFIG_DIR, ConfigError, register_schemas, shared_data_dir
+
+
+def _register() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("shared_data"):
+        OmegaConf.register_new_resolver("shared_data", shared_data_dir)
+    register_schemas()
+
+
+def _task(cfg) -> None:
+    from align.config import to_config
+    from align.trainers import run
+
+    try:
+        run_cfg = to_config(cfg)
+    except ConfigError as exc:
+        print(f"align: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    run(run_cfg, cfg)
+
+
+def main() -> None:
+    import hydra
+
+    _register()
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(_task)()
+
+
+if __name__ == "__main__":
+    main()

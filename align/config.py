@@ -1,0 +1,342 @@
+"""Typed configuration: one documented dataclass per component, composed by Hydra.
+
+The YAML files in `configs/` choose values; these dataclasses are their schemas. Hydra merges
+the YAML onto the schema in struct mode, so an unknown key fails at start-up naming it; then
+`to_config` turns the merged tree into frozen dataclass instances, whose `__post_init__` checks
+every value with a message that names the key (`trainer.lr_scheduler: 'cosin' is not one of
+...`). The instances are never mutated afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def shared_data_dir() -> str:
+    """Where the shipped models and datasets live: $ALIGN_DATA_DIR, else ../shared/data."""
+    return os.environ.get("ALIGN_DATA_DIR", str((REPO_ROOT.parent / "shared" / "data").resolve()))
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def _one_of(key: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(valid)}")
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """A peft LoRA adapter. `target_modules="all-linear"` or a list of module names."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
+
+    def __post_init__(self):
+        _positive("lora.r", self.r)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which causal LM to load and how to fine-tune it.
+
+    name_or_path: a local Hugging Face folder or a hub id.
+    finetune: `lora` (a peft adapter; the base stays frozen) or `full`.
+    quantization: null, or `nf4` (QLoRA: 4-bit base through bitsandbytes).
+    """
+
+    name_or_path: str = "stories260K"
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    finetune: str = "full"
+    quantization: Optional[str] = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
+        _one_of("model.finetune", self.finetune, ("full", "lora"))
+        _one_of("model.quantization", self.quantization, (None, "nf4", "int8"))
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A dataset: where it is, how its rows read, how they are cut to length.
+
+    source: a .jsonl / .jsonl.gz / .json / .parquet file, a `save_to_disk` folder, or a hub name.
+    format: alpaca | chat | sharegpt | pairwise | hh | kto | prompt_answer.
+    columns: renames, e.g. {prompt: question}.
+    on_error: `raise` (the error names file, line and field) or `skip` (skipped and counted).
+    overlong: `truncate_left` (keep the end of the prompt) or `drop`; both are counted.
+    """
+
+    source: str = ""
+    format: str = "hh"
+    columns: Dict[str, str] = field(default_factory=dict)
+    split: Optional[str] = None
+    limit: Optional[int] = None
+    val_fraction: float = 0.05
+    val_size: Optional[int] = None
+    max_length: int = 512
+    max_prompt_length: int = 384
+    max_response_length: int = 128
+    overlong: str = "truncate_left"
+    on_error: str = "raise"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.source:
+            raise ConfigError("data.source: required (a file, a saved dataset folder or a hub name)")
+        _one_of("data.format", self.format, ("alpaca", "chat", "sharegpt", "pairwise", "hh", "kto", "prompt_answer"))
+        _one_of("data.overlong", self.overlong, ("truncate_left", "drop"))
+        _one_of("data.on_error", self.on_error, ("raise", "skip"))
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction!r}")
+        _positive("data.max_length", self.max_length)
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be < data.max_length ({self.max_length})"
+            )
+
+
+# ------------------------------------------------------------------------------------- trainer
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Optimisation and run control shared by every trainer.
+
+    batch_size is the micro-batch; one optimizer step sees batch_size * grad_accum examples.
+    resume: `auto` (continue from the newest checkpoint in output_dir if any), `never`, or a path.
+    """
+
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10
+    lr_scheduler: str = "cosine"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    eval_every: int = 25
+    eval_batches: int = 8
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    resume: str = "auto"
+    num_threads: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        _positive("trainer.max_steps", self.max_steps)
+        _positive("trainer.batch_size", self.batch_size)
+        _positive("trainer.grad_accum", self.grad_accum)
+        _positive("trainer.lr", self.lr)
+        _positive("trainer.warmup_steps", self.warmup_steps, allow_zero=True)
+        _one_of("trainer.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"trainer.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
+        _positive("trainer.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _positive("trainer.eval_every", self.eval_every)
+        _positive("trainer.save_every", self.save_every)
+        _positive("trainer.keep_checkpoints", self.keep_checkpoints)
+        _positive("trainer.num_threads", self.num_threads, allow_zero=True)
+        if len(self.betas) != 2:
+            raise ConfigError(f"trainer.betas: expected two numbers, got {list(self.betas)!r}")
+
+
+# ---------------------------------------------------------------------- rollout, reward, cluster
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The generation engine: `hf` (CPU default) or `vllm` (GPU)."""
+
+    backend: str = "hf"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+    n: int = 1
+    stop: Tuple[str, ...] = ()
+    gpu_memory_utilization: float = 0.5
+    sleep_when_training: bool = True
+
+    def __post_init__(self):
+        _one_of("rollout.backend", self.backend, ("hf", "vllm"))
+        _positive("rollout.temperature", self.temperature, allow_zero=True)
+        _positive("rollout.max_new_tokens", self.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """A registered reward (`rewards.get_reward(name, **options)`), or a trained reward model."""
+
+    name: str = "story"
+    options: Dict[str, Any] = field(default_factory=dict)
+    model_path: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where workers run. `address: local` starts Ray in-process; otherwise a cluster address."""
+
+    address: str = "local"
+    placement: str = "colocated"
+    num_replicas: int = 1
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+
+    def __post_init__(self):
+        _one_of("cluster.placement", self.placement, ("colocated", "split"))
+        _positive("cluster.num_replicas", self.num_replicas)
+
+
+# ---------------------------------------------------------------------------------- algorithms
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """Common to every algorithm: which trainer runs (`name`)."""
+
+    name: str = "sft"
+
+
+@dataclass(frozen=True)
+class SFTConfig(AlgoConfig):
+    """Supervised fine-tuning: next-token loss on response tokens only.
+
+    loss_agg: `token-mean` (every response token of the optimizer step weighs the same, across
+    micro-batches) or `seq-mean-token-mean`.
+    """
+
+    name: str = "sft"
+    loss_agg: str = "token-mean"
+
+    def __post_init__(self):
+        _one_of("algo.loss_agg", self.loss_agg, ("token-mean", "seq-mean-token-mean"))
+
+
+ALGO_SCHEMAS: dict[str, type] = {"sft": SFTConfig}
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: the component configs, a seed and one output directory for everything."""
+
+    algo: Any = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Optional[DataConfig] = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    seed: int = 0
+    output_dir: str = "runs/default"
+
+
+def _schema_node(schema):
+    """A structured node for the ConfigStore. Frozen dataclasses make read-only nodes, which
+    would refuse command-line overrides, so the node is made writable; the frozen instances
+    come later, from `to_config`."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(schema)
+    OmegaConf.set_readonly(node, False)
+    return node
+
+
+def register_schemas() -> None:
+    """Put the schemas into Hydra's ConfigStore; configs/*.yaml extend them by name."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=_HydraRun)
+    for name, schema in ALGO_SCHEMAS.items():
+        cs.store(group="algo", name=f"{name}_schema", node=_schema_node(schema))
+    for group, schema in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("trainer", TrainerConfig),
+        ("rollout", RolloutConfig),
+        ("reward", RewardConfig),
+        ("cluster", ClusterConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=_schema_node(schema))
+
+
+@dataclass
+class _HydraRun:
+    """The top-level node Hydra validates against: components are filled by the groups."""
+
+    algo: Any = None
+    model: Any = None
+    data: Any = None
+    trainer: Any = None
+    rollout: Any = None
+    reward: Any = None
+    cluster: Any = None
+    seed: int = 0
+    output_dir: str = "runs/default"
+
+
+def to_config(cfg) -> RunConfig:
+    """Turn Hydra's merged DictConfig into frozen, validated dataclasses.
+
+    Raises ConfigError naming the key for any bad value.
+    """
+    from omegaconf import OmegaConf
+
+    def build(schema, node, key):
+        if node is None:
+            return None
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        try:
+            return OmegaConf.to_object(merged)
+        except ConfigError:
+            raise
+        except Exception as exc:  # omegaconf validation errors already name the key
+            raise ConfigError(f"{key}: {exc}") from exc
+
+    algo_name = cfg.algo.name if cfg.algo is not None else "sft"
+    if algo_name not in ALGO_SCHEMAS:
+        raise ConfigError(f"algo.name: {algo_name!r} is not one of {sorted(ALGO_SCHEMAS)}")
+    return RunConfig(
+        algo=build(ALGO_SCHEMAS[algo_name], cfg.algo, "algo"),
+        model=build(ModelConfig, cfg.model, "model"),
+        data=build(DataConfig, cfg.data, "data"),
+        trainer=build(TrainerConfig, cfg.trainer, "trainer"),
+        rollout=build(RolloutConfig, cfg.rollout, "rollout"),
+        reward=build(RewardConfig, cfg.reward, "reward"),
+        cluster=build(ClusterConfig, cfg.cluster, "cluster"),
+        seed=cfg.seed,
+        output_dir=cfg.output_dir,
+    )

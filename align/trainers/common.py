@@ -1,0 +1,113 @@
+"""Pieces every trainer shares: seeding, the optimizer and schedule, a resumable batch order,
+the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from align.config import TrainerConfig
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_threads(num_threads: int) -> None:
+    """0 keeps torch's default; a fixed count makes CPU float sums repeatable across runs."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[tuple[str, torch.nn.Parameter]],
+                    cfg: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay skips biases and norm weights (1-D tensors), as is usual for LMs."""
+    named = list(params)
+    if named and not isinstance(named[0], tuple):
+        named = [(str(i), p) for i, p in enumerate(named)]
+    named = [(n, p) for n, p in named if p.requires_grad]
+    if not named:
+        raise ValueError("no trainable parameters: check model.finetune / the LoRA target modules")
+    decay = [p for _, p in named if p.ndim >= 2]
+    no_decay = [p for _, p in named if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig):
+    """Linear warm-up, then cosine (down to `min_lr_ratio` of the peak), linear (to zero) or constant."""
+    from transformers import get_scheduler
+
+    name, extra = {
+        "cosine": ("cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio}),
+        "linear": ("linear", {}),
+        "constant": ("constant_with_warmup", {}),
+    }[cfg.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=cfg.max_steps, scheduler_specific_kwargs=extra)
+
+
+class EpochBatches:
+    """A deterministic, resumable order of mini-batches over `n` examples.
+
+    Epoch e visits a permutation drawn from a generator seeded with `seed + e`, in batches of
+    `batch_size` (the last partial batch is dropped so every step sees the same count). The
+    position (epoch, cursor) is all the state there is: it goes into checkpoints.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+        if n < batch_size:
+            raise ValueError(f"{n} training examples is fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.epoch, self.cursor = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self) -> list[int]:
+        if self._perm_epoch != self.epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + self.epoch)
+                self._perm = torch.randperm(self.n, generator=g).tolist()
+            else:
+                self._perm = list(range(self.n))
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def next(self) -> list[int]:
+        if self.cursor + self.batch_size > self.n:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        idx = self._permutation()[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def prepare_output_dir(output_dir: str, run_cfg, hydra_cfg=None) -> Path:
+    """Create the run directory and write the resolved config (YAML and JSON) into it."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hydra_cfg is not None:
+        from omegaconf import OmegaConf
+
+        resolved = OmegaConf.to_container(hydra_cfg, resolve=True)
+        resolved.pop("hydra", None)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    (out / "config.json").write_text(json.dumps(asdict(run_cfg), indent=1, default=str))
+    return out
+
+
+def cpu_count_hint() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,189 @@
+"""Supervised fine-tuning: next-token loss on the response tokens only.
+
+    python -m align algo=sft model=stories260k data=hh_sft trainer.max_steps=150
+
+The prompt tokens are masked out of the loss (labels = -100), so the model learns to answer,
+not to echo the question. One optimizer step sees `batch_size * grad_accum` examples; the loss
+is normalised over the whole step (all its response tokens, or all its sequences), never per
+micro-batch, so 2 x 4 accumulation gives the same gradient as 1 x 8.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from align.config import RunConfig
+from align.core import logprobs_from_logits, masked_sum
+from align.trainers.checkpoint import Checkpointer
+from align.trainers.common import (
+    EpochBatches,
+    build_optimizer,
+    build_scheduler,
+    prepare_output_dir,
+    seed_everything,
+    set_threads,
+)
+from align.trainers.metrics import RunLogger
+from align.trainers.setup import build_policy, load_sft_data
+
+
+@dataclass
+class SFTBatch:
+    """A right-padded micro-batch.
+
+    input_ids:      (B, T) prompt + response + eos, then pad.
+    attention_mask: (B, T) 1 on real tokens.
+    labels:         (B, T) the token ids where the loss applies (response and eos), else -100.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.labels[:, 1:] != -100).sum())
+
+
+def token_nll(model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood of the next token.
+
+    Returns nll (B, T-1) and mask (B, T-1): position t scores token t+1, and the mask is 1
+    where that token is a response token.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    targets = batch.labels[:, 1:]  # (B, T-1)
+    mask = (targets != -100).to(logits.dtype)
+    logp = logprobs_from_logits(logits[:, :-1], targets.clamp(min=0))  # (B, T-1)
+    return -logp * mask, mask
+
+
+def sft_loss(nll: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float) -> torch.Tensor:
+    """The micro-batch's share of the step loss.
+
+    token-mean:          sum of token NLLs / `normaliser` (response tokens in the whole step).
+    seq-mean-token-mean: sum over sequences of their mean NLL / `normaliser` (sequences in the step).
+    """
+    if mode == "token-mean":
+        return masked_sum(nll, mask) / normaliser
+    per_seq = masked_sum(nll, mask, dim=1) / mask.sum(dim=1).clamp(min=1)
+    return per_seq.sum() / normaliser
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[SFTBatch]) -> float:
+    """Mean NLL per response token over the validation batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        nll, mask = token_nll(model, batch)
+        total += float(nll.sum())
+        count += int(mask.sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(cfg: RunConfig, hydra_cfg=None) -> dict:
+    """Run SFT as configured; returns the summary (also written to summary.json)."""
+    tcfg, algo = cfg.trainer, cfg.algo
+    # 1. Run directory, seed and threads.
+    out = prepare_output_dir(cfg.output_dir, cfg, hydra_cfg)
+    set_threads(tcfg.num_threads)
+    seed_everything(cfg.seed)
+
+    # 2. Model and tokenizer: full fine-tuning, or a LoRA adapter over a frozen base.
+    model, tokenizer = build_policy(cfg.model)
+    model.train()
+
+    # 3. Data: read, split deterministically, tokenize with the prompt masked.
+    data = load_sft_data(cfg.data, tokenizer)
+    collate = data.collate
+    val_batches = [
+        collate(data.val[i : i + tcfg.batch_size]) for i in range(0, len(data.val), tcfg.batch_size)
+    ][: tcfg.eval_batches]
+    order = EpochBatches(len(data.train), tcfg.batch_size, seed=cfg.seed)
+
+    # 4. Optimizer, schedule, and resume from the newest checkpoint when there is one.
+    optimizer = build_optimizer(model.named_parameters(), tcfg)
+    scheduler = build_scheduler(optimizer, tcfg)
+    ckpt = Checkpointer(out, keep=tcfg.keep_checkpoints)
+    start, state = 0, {}
+    resume_from = ckpt.latest() if tcfg.resume == "auto" else (None if tcfg.resume == "never" else tcfg.resume)
+    if resume_from is not None:
+        from pathlib import Path
+
+        state, _ = ckpt.load(Path(resume_from), model=model, optimizers={"policy": optimizer},
+                             schedulers={"policy": scheduler})
+        start = state["step"]
+        order.load_state_dict(state["data"])
+    log = RunLogger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress,
+                    desc="sft", headline=("loss", "val_loss", "tokens_per_s"))
+    log.write(f"data: {data.stats_line}")
+    if resume_from is not None:
+        log.write(f"resumed from {resume_from} at step {start}")
+        val_before = state["val_loss_before"]
+    else:
+        val_before = evaluate(model, val_batches)
+        log.log(0, {"val_loss": val_before})
+
+    # 5. The loop: accumulate micro-batches, clip, step; evaluate and checkpoint periodically.
+    val_loss = val_before
+    for step in range(start + 1, tcfg.max_steps + 1):
+        t0 = time.perf_counter()
+        micro = [collate([data.train[i] for i in order.next()]) for _ in range(tcfg.grad_accum)]
+        normaliser = (
+            sum(b.num_tokens for b in micro) if algo.loss_agg == "token-mean" else sum(len(b.input_ids) for b in micro)
+        )
+        step_loss = 0.0
+        for batch in micro:
+            nll, mask = token_nll(model, batch)
+            loss = sft_loss(nll, mask, algo.loss_agg, normaliser)
+            loss.backward()
+            step_loss += float(loss)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"sft: loss is {step_loss} at step {step}; last checkpoint kept in {ckpt.root}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm or float("inf")
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        metrics = {
+            "loss": step_loss,
+            "grad_norm": float(grad_norm),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": sum(int(b.attention_mask.sum()) for b in micro) / seconds,
+            "epoch": order.epoch,
+        }
+        if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
+            val_loss = evaluate(model, val_batches)
+            metrics["val_loss"] = val_loss
+        log.log(step, metrics, advance=1)
+        if step % tcfg.save_every == 0 or step == tcfg.max_steps:
+            ckpt.save(step, model=model, optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
+                      trainer_state={"data": order.state_dict(), "val_loss_before": val_before})
+    log.close()
+
+    # 6. Save the final model (or adapter) with its tokenizer, and the summary.
+    model.save_pretrained(out / "final")
+    tokenizer.save_pretrained(out / "final")
+    summary = {
+        "algo": "sft",
+        "steps": tcfg.max_steps,
+        "val_loss_before": val_before,
+        "val_loss_after": val_loss,
+        "train_examples": len(data.train),
+        "val_examples": len(data.val),
+        "data": data.stats,
+        "output_dir": str(out),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"SFT done: validation loss {val_before:.4f} -> {val_loss:.4f}  (outputs in {out})")
+    return summary
