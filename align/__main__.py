@@ -9,15 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from align.config import CONFIG_DIR, ConfigError, register_schemas, shared_data_dir
-
-
-def _register() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("shared_data"):
-        OmegaConf.register_new_resolver("shared_data", shared_data_dir)
-    register_schemas()
+from align.config import CONFIG_DIR, ConfigError, register_resolvers, register_schemas
 
 
 def _task(cfg) -> None:
@@ -35,7 +27,8 @@ def _task(cfg) -> None:
 def main() -> None:
     import hydra
 
-    _register()
+    register_resolvers()
+    register_schemas()
     hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(_task)()
 
 

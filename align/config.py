@@ -270,8 +270,19 @@ def _schema_node(schema):
     from omegaconf import OmegaConf
 
     node = OmegaConf.structured(schema)
-    OmegaConf.set_readonly(node, False)
+    _unlock(node)
     return node
+
+
+def _unlock(node) -> None:
+    """Clear the read-only flag a frozen dataclass puts on its node and every child node."""
+    from omegaconf import Container
+
+    node._set_flag("readonly", None)
+    if isinstance(node, Container) and not node._is_none() and not node._is_missing():
+        keys = range(len(node)) if isinstance(node, list) or hasattr(node, "insert") else list(node.keys())
+        for key in keys:
+            _unlock(node._get_node(key))
 
 
 def register_schemas() -> None:
@@ -308,6 +319,31 @@ class _HydraRun:
     output_dir: str = "runs/default"
 
 
+def register_resolvers() -> None:
+    """`${shared_data:}` in the YAML files resolves to `shared_data_dir()`."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("shared_data"):
+        OmegaConf.register_new_resolver("shared_data", shared_data_dir)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, Any]:
+    """Build a run's config in-process, exactly as `python -m align <overrides>` would.
+
+    Returns the frozen RunConfig and Hydra's DictConfig (for writing the resolved YAML).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return to_config(cfg), cfg
+
+
 def to_config(cfg) -> RunConfig:
     """Turn Hydra's merged DictConfig into frozen, validated dataclasses.
 
@@ -318,7 +354,7 @@ def to_config(cfg) -> RunConfig:
     def build(schema, node, key):
         if node is None:
             return None
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        merged = OmegaConf.merge(_schema_node(schema), node)
         try:
             return OmegaConf.to_object(merged)
         except ConfigError:

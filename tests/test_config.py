@@ -1,0 +1,71 @@
+"""The Hydra configuration: composition, validation at start-up, messages that name the key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from align.config import ConfigError, SFTConfig, TrainerConfig, compose
+
+
+def test_default_composes_to_typed_frozen_config():
+    cfg, raw = compose([])
+    assert isinstance(cfg.algo, SFTConfig) and cfg.algo.name == "sft"
+    assert isinstance(cfg.trainer, TrainerConfig)
+    assert cfg.model.name_or_path.endswith("models/stories260K")
+    # the algo's trainer defaults (configs/trainer/sft.yaml) won over the plain default
+    assert cfg.trainer.max_steps == 150
+    with pytest.raises(Exception):
+        cfg.trainer.lr = 1.0  # frozen after start-up
+
+
+def test_command_line_overrides_apply():
+    cfg, _ = compose(["trainer.lr=0.01", "model=stories260k_lora", "model.lora.r=4", "trainer=default"])
+    assert cfg.trainer.lr == 0.01
+    assert cfg.model.finetune == "lora" and cfg.model.lora.r == 4
+    assert cfg.trainer.max_steps == TrainerConfig().max_steps
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.lr_scheduler=cosin", "trainer.lr_scheduler"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("data.overlong=chop", "data.overlong"),
+        ("model.finetune=qlora", "model.finetune"),
+        ("data.max_prompt_length=600", "data.max_prompt_length"),
+    ],
+)
+def test_bad_value_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose([override])
+
+
+@pytest.mark.parametrize("override, key", [("trainer.lrr=1", "lrr"), ("trainer.lr=abc", "trainer.lr")])
+def test_unknown_key_or_wrong_type_fails_in_hydra(override, key):
+    with pytest.raises(Exception, match=key):
+        compose([override])
+
+
+def test_cli_reports_bad_value_and_exits_nonzero(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "align", "trainer.lr_scheduler=cosin", f"output_dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "trainer.lr_scheduler" in proc.stderr and "cosin" in proc.stderr
+
+
+def test_cli_reports_unknown_key(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "align", "trainer.not_a_key=3", f"output_dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "not_a_key" in proc.stderr
+
+
+def test_importing_align_is_light():
+    code = "import sys, align, align.config; bad = [m for m in ('ray', 'vllm', 'torch', 'transformers') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
