@@ -1,0 +1,373 @@
+"""Hugging Face backend: batched, left-padded generation with the KV cache (the CPU default).
+
+Sampling (greedy, temperature, top-k, top-p) runs in our own decode loop over the model's KV
+cache rather than through `model.generate`, for three reasons: the raw log-prob of every sampled
+token falls out of the same logits that chose it (no second pass, no processor bookkeeping); a
+seed drives a private `torch.Generator`, so seeded calls are reproducible and never touch the
+global RNG; and each row stops on its own stop token or stop string with its own finish reason.
+Beam search (evaluation only) goes through `model.generate(num_beams=...)`, and the chosen beams'
+raw log-probs are then recomputed by one forward pass.
+
+Log-probs follow `rollout.base`: log_softmax of the raw logits, before temperature, top-k and
+top-p, computed in fp32 whatever the model's dtype. Sampling order: temperature, then top-k, then
+top-p (that of transformers and vLLM). Top-p keeps the smallest set of most likely tokens whose
+probability mass reaches `top_p`.
+
+Stops: a row stops on the first token in `eos_token_ids | params.stop_token_ids` (the token is
+kept in `token_ids`, and dropped from `text` when it is a special token), or when its decoded
+text first contains one of `params.stop`: `token_ids` then end with the token that completed the
+stop string and `text` ends just before the stop string (vLLM's default). Otherwise it runs to
+`max_new_tokens`, or to the model's context length, with finish reason "length".
+
+Determinism: with `params.seed` set, the same call (same prompts, params and `max_batch_size`)
+returns identical samples; all rows of a call draw from one generator, so a row's sample depends
+on the rest of its batch. With `seed=None` the global torch RNG is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import gc
+from typing import Any, Callable, ContextManager, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from rollout.base import RolloutOutput, RolloutSample, SamplingParams
+
+
+class HFEngine:
+    """A rollout engine over any Hugging Face causal LM (plain, peft, or a role of a shared model).
+
+    model:          the causal LM (anything whose forward takes input_ids, attention_mask,
+                    position_ids, past_key_values, use_cache and returns .logits and
+                    .past_key_values; beam search also needs `.generate`).
+    tokenizer:      decodes the responses' text.
+    max_batch_size: rows (prompts x n) per forward; larger calls are split into chunks.
+    eos_token_id:   id or ids that end a response; default the tokenizer's eos, else the model's.
+    role:           optional zero-argument callable returning a context manager that yields the
+                    module to generate with, e.g. `lambda: multihead.using("actor")`. The engine
+                    then runs the trainer's own parameters, and `update_weights` is a no-op.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 64,
+        eos_token_id: int | Iterable[int] | None = None,
+        role: Callable[[], ContextManager[nn.Module]] | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.role = role
+        self.eos_token_ids = _resolve_eos(eos_token_id, tokenizer, model)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+        config = getattr(model, "config", None)
+        self.max_length = getattr(config, "max_position_embeddings", None)
+        self._asleep = False
+
+    # ---- the protocol ---------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutOutput:
+        """`params.n` responses per prompt, prompt-major: samples[i * n + j] is sample j of prompt i."""
+        if self._asleep:
+            raise RuntimeError("HFEngine.generate called while asleep; call wake_up() first")
+        prompts = [[int(t) for t in p] for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if self.max_length is not None and len(p) >= self.max_length:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context is {self.max_length}")
+        if params.num_beams > 1 and params.n > params.num_beams:
+            raise ValueError(f"beam search returns at most num_beams={params.num_beams} sequences, asked n={params.n}")
+
+        stop_ids = set(self.eos_token_ids) | set(params.stop_token_ids)
+        rows = [p for p in prompts for _ in range(params.n)]  # prompt-major
+        with self._module() as module, torch.inference_mode():
+            if params.num_beams > 1:
+                responses = self._beam_search(module, prompts, params, stop_ids)
+            else:
+                generator = _generator(params.seed, _device(module))
+                responses = []
+                for start in range(0, len(rows), self.max_batch_size):
+                    chunk = rows[start : start + self.max_batch_size]
+                    responses += self._sample(module, chunk, params, stop_ids, generator)
+
+        samples = []
+        for i, (token_ids, logprobs, reason) in enumerate(responses):
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            cut = _first_stop(text, params.stop)
+            samples.append(
+                RolloutSample(
+                    prompt_index=i // params.n,
+                    token_ids=token_ids,
+                    text=text if cut is None else text[:cut],
+                    logprobs=logprobs,
+                    finish_reason=reason,
+                )
+            )
+        return RolloutOutput(samples=samples, n=params.n)
+
+    def update_weights(
+        self, *, lora: dict[str, torch.Tensor] | None = None, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Copy new policy weights into the model in place.
+
+        state_dict: a full (or partial) state dict of the model, by its own key names.
+        lora:       adapter tensors in peft naming (`get_peft_model_state_dict`), loaded into the
+                    model's active adapter; the model must be a peft model.
+        With a `role` the engine runs the trainer's own parameters, so there is nothing to copy.
+        """
+        if lora is None and state_dict is None:
+            raise ValueError("update_weights needs lora=... or state_dict=...")
+        if self.role is not None:
+            return
+        if state_dict is not None:
+            result = self.model.load_state_dict(state_dict, strict=False)
+            if result.unexpected_keys:
+                raise KeyError(f"state_dict keys not in the model: {result.unexpected_keys[:5]}")
+        if lora is not None:
+            from peft import PeftModel, set_peft_model_state_dict
+
+            if not isinstance(self.model, PeftModel):
+                raise TypeError("update_weights(lora=...) needs a peft model; pass state_dict= for a plain model")
+            name = self.model.active_adapter
+            result = set_peft_model_state_dict(self.model, lora, adapter_name=name)
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if unexpected:
+                raise KeyError(f"LoRA tensors not in adapter {name!r}: {unexpected[:5]}")
+
+    def sleep(self) -> None:
+        """Free what generation holds. The KV cache lives only inside `generate`, so there is no pool
+        to release on CPU; on GPU this returns the allocator's cached blocks to the device."""
+        self._asleep = True
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        """Allow `generate` again (the cache is re-allocated on demand)."""
+        self._asleep = False
+
+    # ---- decoding -------------------------------------------------------------------------
+
+    def _sample(
+        self,
+        module: nn.Module,
+        rows: list[list[int]],
+        params: SamplingParams,
+        stop_ids: set[int],
+        generator: torch.Generator | None,
+    ) -> list[tuple[list[int], list[float], str]]:
+        """Decode one chunk of rows with the KV cache; returns (token_ids, logprobs, finish_reason) each."""
+        device = _device(module)
+        input_ids, attention_mask = _left_pad(rows, self.pad_token_id, device)  # (B, P)
+        B = len(rows)
+        budget = torch.tensor([self._budget(len(r), params) for r in rows], device=device)  # (B,)
+        stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding shifts positions
+        cache_kw = _cache_kwarg()
+        out = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        cache, logits = out[cache_kw], out.logits[:, -1].float()  # (B, V)
+        next_position = position_ids[:, -1:] + 1  # (B, 1)
+
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stopped = torch.zeros(B, dtype=torch.bool, device=device)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)
+        tokens, logprobs = [], []  # each step: (B,)
+        texts_ids: list[list[int]] = [[] for _ in range(B)]  # only filled when stop strings are set
+        for step in range(int(budget.max())):
+            token = _pick(logits, params, generator)  # (B,)
+            token = token.masked_fill(done, self.pad_token_id)
+            tokens.append(token)
+            logprobs.append(logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
+            lengths += (~done).long()
+
+            hit = torch.isin(token, stop_tensor) & ~done
+            if params.stop:
+                hit |= self._hits_stop_string(texts_ids, token, done, params.stop)
+            stopped |= hit
+            done |= hit | (lengths >= budget)
+            if bool(done.all()):
+                break
+
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=-1)
+            out = module(
+                input_ids=token[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_position,
+                use_cache=True,
+                **{cache_kw: cache},
+            )
+            cache, logits = out[cache_kw], out.logits[:, -1].float()
+            next_position = next_position + 1
+        del cache
+
+        tokens_t = torch.stack(tokens, dim=1).tolist()  # (B, steps)
+        logprobs_t = torch.stack(logprobs, dim=1).tolist()
+        return [
+            (tokens_t[i][:n], logprobs_t[i][:n], "stop" if s else "length")
+            for i, (n, s) in enumerate(zip(lengths.tolist(), stopped.tolist()))
+        ]
+
+    def _hits_stop_string(self, texts_ids, token, done, stops) -> torch.Tensor:
+        """(B,) bool: rows whose decoded response first contains a stop string at this token."""
+        hit = torch.zeros_like(done)
+        for i, (t, d) in enumerate(zip(token.tolist(), done.tolist())):
+            if d:
+                continue
+            texts_ids[i].append(t)
+            if _first_stop(self.tokenizer.decode(texts_ids[i], skip_special_tokens=True), stops) is not None:
+                hit[i] = True
+        return hit
+
+    def _budget(self, prompt_len: int, params: SamplingParams) -> int:
+        """New tokens a row may take: max_new_tokens, capped by the model's context length."""
+        if self.max_length is None:
+            return params.max_new_tokens
+        return min(params.max_new_tokens, self.max_length - prompt_len)
+
+    def _beam_search(self, module, prompts, params, stop_ids) -> list[tuple[list[int], list[float], str]]:
+        """Beam search through `module.generate`; the n best beams per prompt, cut at stops and
+        re-scored with raw log-probs by one forward pass."""
+        responses = []
+        for start in range(0, len(prompts), max(1, self.max_batch_size // params.num_beams)):
+            chunk = prompts[start : start + max(1, self.max_batch_size // params.num_beams)]
+            input_ids, attention_mask = _left_pad(chunk, self.pad_token_id, _device(module))
+            P = input_ids.shape[1]
+            out = module.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=False,
+                num_beams=params.num_beams,
+                num_return_sequences=params.n,
+                max_new_tokens=min(self._budget(len(p), params) for p in chunk),
+                eos_token_id=sorted(stop_ids) or None,
+                pad_token_id=self.pad_token_id,
+                early_stopping=True,
+                return_dict_in_generate=False,
+                top_k=None,
+                top_p=None,
+                temperature=None,
+            )  # (len(chunk) * n, P + new), prompt-major like our rows
+            for seq in out[:, P:].tolist():
+                responses.append(self._cut_at_stops(seq, stop_ids, params.stop))
+        rows = [p for p in prompts for _ in range(params.n)]
+        scores = self._score(module, rows, [r[0] for r in responses])
+        return [(ids, lp, reason) for (ids, _, reason), lp in zip(responses, scores)]
+
+    def _cut_at_stops(self, ids: list[int], stop_ids: set[int], stops: tuple[str, ...]):
+        """Cut a finished sequence at its first stop token or stop string (the stopping token kept)."""
+        reason = "length"
+        for j, t in enumerate(ids):
+            if t in stop_ids:
+                ids, reason = ids[: j + 1], "stop"
+                break
+        if stops and _first_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops) is not None:
+            for j in range(len(ids)):
+                if _first_stop(self.tokenizer.decode(ids[: j + 1], skip_special_tokens=True), stops) is not None:
+                    ids, reason = ids[: j + 1], "stop"
+                    break
+        return ids, [], reason
+
+    def _score(self, module, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        """Raw per-token log-probs of each response after its prompt, by one left-padded forward."""
+        scores = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            chunk = slice(start, start + self.max_batch_size)
+            seqs = [p + r for p, r in zip(prompts[chunk], responses[chunk])]
+            input_ids, attention_mask = _left_pad(seqs, self.pad_token_id, _device(module))  # (B, T)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+            logp = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+            for row, r in zip(logp.tolist(), responses[chunk]):
+                scores.append(row[len(row) - len(r) :] if r else [])
+        return scores
+
+    @contextlib.contextmanager
+    def _module(self):
+        """The module to run, in eval mode (no dropout, LoRA dropout included) for the call only."""
+        with (self.role() if self.role is not None else contextlib.nullcontext(self.model)) as module:
+            modes = [(m, m.training) for m in module.modules()]
+            module.eval()
+            try:
+                yield module
+            finally:
+                for m, training in modes:
+                    m.training = training
+
+
+def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from raw logits (B, V): argmax when greedy, else temperature, top-k, top-p."""
+    if params.greedy:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # (B, V): mass of strictly more likely tokens
+        drop = mass_before >= params.top_p  # never drops the most likely token (mass_before 0)
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) input ids and attention mask, each row right-aligned."""
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, T - len(r) :] = torch.tensor(r)
+            attention_mask[i, T - len(r) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Character index of the earliest stop string in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@functools.cache
+def _cache_kwarg() -> str:
+    """The KV cache's name in forward kwargs and outputs: `cache` from transformers ~5.2x on (the
+    old name still works there, with a deprecation warning per process), else `past_key_values`."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _resolve_eos(eos_token_id, tokenizer, model) -> tuple[int, ...]:
+    """The ids that end a response: the argument, else the tokenizer's eos, else the model's."""
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, int):
+        return (eos_token_id,)
+    return tuple(int(t) for t in eos_token_id)
