@@ -97,11 +97,23 @@ def extract_answer(text: str, extractors: Sequence[str] = DEFAULT_EXTRACTORS) ->
 
 _DROP = [r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\displaystyle", "\\$", "$", r"\%", "%"]
 _DEGREES_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\circ|\\degree")
-_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}")
+_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}(\^\{?\d\}?)?")
+_UNIT_WORDS_RE = re.compile(r"\s*[a-zA-Z][a-zA-Z\s.']*")
 _THOUSANDS_RE = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d,])")
 _ASSIGN_RE = re.compile(r"^[a-zA-Z]\s*=\s*(?=\S)")
 # "72 dollars", "5 cm", "about 3 hours": words around one plain number
-_UNITS_RE = re.compile(rf"^(?:[a-zA-Z']+\s+)*?({_NUMBER})(?:\s+[a-zA-Z][a-zA-Z'.]*)+$")
+_UNITS_RE = re.compile(rf"^(?:[a-zA-Z']+\s+)*?({_NUMBER})(?:\s+[a-zA-Z][a-zA-Z'.]*(?:\^\{{?\d\}}?)?)+$")
+
+
+def _strip_text(s: str) -> str:
+    """Drop a trailing `\\text{ cm}^2`-style unit after a value; unwrap any other `\\text{...}`."""
+    end = len(s.rstrip())
+
+    def replace(m: re.Match) -> str:
+        unit = m.end() == end and m.start() > 0 and _UNIT_WORDS_RE.fullmatch(m.group(1))
+        return "" if unit else f" {m.group(1)} {m.group(2) or ''}"
+
+    return _TEXT_RE.sub(replace, s)
 
 
 def normalize_answer(answer: str) -> str:
@@ -110,7 +122,7 @@ def normalize_answer(answer: str) -> str:
     s = re.sub(r"^\\\(|\\\)$|^\\\[|\\\]$", "", s).strip()
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", "")
     s = _DEGREES_RE.sub("", s)
-    s = _TEXT_RE.sub(r" \1 ", s)
+    s = _strip_text(s)
     for token in _DROP:
         s = s.replace(token, "")
     s = s.replace("\\ ", " ").replace("~", " ").strip().rstrip(".").strip()
@@ -126,7 +138,7 @@ def normalize_answer(answer: str) -> str:
     s = re.sub(r"\\sqrt\s*(\d)", r"\\sqrt{\1}", s)  # \sqrt2
     s = re.sub(r"\s+", "", s)
     s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)  # .5 -> 0.5
-    s = re.sub(r"(\d+\.\d*?)0+(?!\d)", r"\1", s)  # 2.50 -> 2.5, 2.0 -> 2.
+    s = re.sub(r"(?<!\d)(\d+\.\d*?)0+(?!\d)", r"\1", s)  # 2.50 -> 2.5, 2.0 -> 2.
     s = re.sub(r"(\d)\.(?!\d)", r"\1", s)  # 2. -> 2
     return s
 
@@ -236,8 +248,10 @@ def to_number(normalized: str) -> float | None:
     """The value of a normalised answer that is plain arithmetic (numbers, fractions, roots, pi)."""
     if re.fullmatch(r"-?\d+(?:\.\d+)?", normalized):
         return float(normalized)
+    if len(normalized) > 200:  # long answers are not plain numbers; keep hostile input cheap
+        return None
     expr = latex_to_expr(normalized)
-    if not expr or len(expr) > 200:
+    if not expr:
         return None
     try:
         value = _evaluate(ast.parse(expr, mode="eval"))
@@ -269,6 +283,8 @@ _SAFE_EXPR_RE = re.compile(r"[0-9a-zA-Z+\-*/().]+")
 
 def _sympy_equal(a: str, b: str, max_len: int = 80) -> bool:
     """`simplify(a - b) == 0` for short expressions; False when sympy is missing or unsure."""
+    if len(a) > 2 * max_len or len(b) > 2 * max_len:
+        return False
     try:
         import sympy
         from sympy.parsing.sympy_parser import parse_expr, standard_transformations

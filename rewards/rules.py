@@ -160,10 +160,15 @@ class StoryReward:
         ending    = 1 if the response has >= min_words words and ends with . ! or ? (a closing
                     quote allowed), else 0
 
-    Measured on 60 samples of the untrained stories260K (temperature 1, 64 new tokens, "Once
-    upon a time, there was a ..." prompts): mean ~0.2 with std ~0.2, so GRPO groups have
-    within-group variance and there is room to climb. Each part is kept in `last_components`
-    and returned by `score_with_components`, so a trainer logs `reward/target` and the rest.
+    Why these parts: the untrained stories260K (temperature 1, 64 new tokens) rarely uses the
+    target words, writes positive words only now and then, and is cut off mid-sentence ~95% of
+    the time, so each part has room to climb; all three are counts or text properties a policy
+    can move within a few hundred CPU updates. Measured: 48 samples of "Once upon a time, there
+    was a": mean 0.26, std 0.23, one sample of 48 at the max, no group of 4 with zero
+    variance; 60 samples over three story prompts: mean 0.18, std 0.19 (parts: target 0.13,
+    sentiment 0.34, ending 0.05).
+    Each part is kept in `last_components` and returned by `score_with_components`, so a
+    trainer logs `reward/target`, `reward/sentiment` and `reward/ending`.
     """
 
     def __init__(

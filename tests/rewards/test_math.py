@@ -135,6 +135,10 @@ def test_strict_extractors_ignore_a_stray_number():
         ("about 3 hours", "3"),
         (r"5\text{ cm}", "5"),
         (r"10 \mbox{ meters}", "10"),
+        (r"5\text{ cm}^2", "5"),
+        ("5 cm^2", "5"),
+        (r"\frac{1}{2}\text{ cups}", r"\frac{1}{2}"),
+        (r"\text{Monday}", "Monday"),  # a text answer is unwrapped, not dropped
         ("x = 5", "5"),
         (r"\(7\)", "7"),
         ("\u22123", "-3"),
@@ -154,6 +158,7 @@ def test_normalisation(raw, normalized):
         (r"-\frac{3}{2}", "-1.5"),
         (r"\frac{\sqrt{3}}{2}", r"\dfrac{\sqrt3}{2}"),
         (r"\sqrt{16}", "4"),
+        (r"2\sqrt{3}", r"\sqrt{12}"),  # numbers, no sympy needed
         (r"\sqrt[3]{27}", "3"),
         (r"2^{10}", "1024"),
         (r"3 \times 4", "12"),
@@ -190,6 +195,13 @@ def test_numeric_tolerance_is_configurable():
     assert reward(["q"], ["\\boxed{3.14}"], ground_truth=["\\pi"]) == [1.0]
 
 
+def test_hostile_answers_stay_cheap():
+    nested = "\\frac{" * 2000 + "1" + "}" * 2000
+    assert to_number(nested) is None
+    assert not answers_match(nested, "1")
+    assert get_reward("math")(["q"], ["the answer is " + "9" * 50_000], ground_truth=["9"]) == [0.0]
+
+
 def test_to_number_rejects_non_arithmetic():
     assert to_number("x+1") is None
     assert to_number("__import__('os')") is None
@@ -203,7 +215,7 @@ def test_to_number_rejects_non_arithmetic():
 @needs_sympy
 @pytest.mark.parametrize(
     "prediction, reference",
-    [("x^2+2x+1", "(x+1)^2"), (r"\frac{x}{2}", "0.5x"), (r"2\sqrt{3}", r"\sqrt{12}"), (r"\frac{a+b}{2}", "a/2+b/2")],
+    [("x^2+2x+1", "(x+1)^2"), (r"\frac{x}{2}", "0.5x"), (r"\frac{a+b}{2}", "a/2+b/2"), (r"\frac{x^2-1}{x-1}", "x+1")],
 )
 def test_symbolic_equivalence(prediction, reference):
     assert answers_match(prediction, reference)
@@ -212,6 +224,7 @@ def test_symbolic_equivalence(prediction, reference):
 @needs_sympy
 def test_symbolic_difference_and_unsafe_text_are_not_equal():
     assert not answers_match("x^2+1", "(x+1)^2")
+    assert not answers_match(r"\sqrt{8x^2}", r"2\sqrt{2}x")  # equal only for x >= 0
     assert not _sympy_equal("__import__('os').getcwd()", "0")
     assert not _sympy_equal("x.real", "x")
 
