@@ -70,9 +70,8 @@ class HFEngine:
         self.eos_token_ids = _resolve_eos(eos_token_id, tokenizer, model)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
-        config = getattr(model, "config", None)
-        self.max_length = getattr(config, "max_position_embeddings", None)
         self._asleep = False
+        self._max_length: int | None = None  # the running module's context, read per call
 
     # ---- the protocol ---------------------------------------------------------------------
 
@@ -84,14 +83,13 @@ class HFEngine:
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if self.max_length is not None and len(p) >= self.max_length:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context is {self.max_length}")
         if params.num_beams > 1 and params.n > params.num_beams:
             raise ValueError(f"beam search returns at most num_beams={params.num_beams} sequences, asked n={params.n}")
 
         stop_ids = set(self.eos_token_ids) | set(params.stop_token_ids)
         rows = [p for p in prompts for _ in range(params.n)]  # prompt-major
         with self._module() as module, torch.inference_mode():
+            self._check_lengths(module, prompts)
             if params.num_beams > 1:
                 responses = self._beam_search(module, prompts, params, stop_ids)
             else:
@@ -230,11 +228,18 @@ class HFEngine:
                 hit[i] = True
         return hit
 
+    def _check_lengths(self, module: nn.Module, prompts: list[list[int]]) -> None:
+        """Read the context length off the module that runs, and refuse prompts that fill it."""
+        self._max_length = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+        for i, p in enumerate(prompts):
+            if self._max_length is not None and len(p) >= self._max_length:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context is {self._max_length}")
+
     def _budget(self, prompt_len: int, params: SamplingParams) -> int:
-        """New tokens a row may take: max_new_tokens, capped by the model's context length."""
-        if self.max_length is None:
+        """New tokens a row may take: max_new_tokens, capped so prompt + response fit the context."""
+        if self._max_length is None:
             return params.max_new_tokens
-        return min(params.max_new_tokens, self.max_length - prompt_len)
+        return min(params.max_new_tokens, self._max_length - prompt_len)
 
     def _beam_search(self, module, prompts, params, stop_ids) -> list[tuple[list[int], list[float], str]]:
         """Beam search through `module.generate`; the n best beams per prompt, cut at stops and
