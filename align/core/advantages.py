@@ -197,5 +197,9 @@ def grpo_kl_loss(
     Returns:
         loss: scalar. stats: kl (the same value, detached).
     """
+    mask = mask.bool()
+    # padding zeroed before kl_penalty so junk there cannot reach logp's gradient as 0 * NaN
+    logp = torch.where(mask, logp, torch.zeros_like(logp))
+    ref_logp = torch.where(mask, ref_logp, torch.zeros_like(ref_logp))
     loss = aggregate_loss(kl_penalty(logp, ref_logp, kind, clamp), mask, agg, normaliser)
     return loss, {"kl": loss.detach()}

@@ -4,7 +4,9 @@ Conventions shared by all of `align.core`:
 - token tensors are (B, T): B sequences (responses), T padded positions;
 - `mask` is bool or 0/1 of the same shape (or broadcastable to it), True on real tokens;
 - masked-out positions are *selected away* (`torch.where`), never multiplied by zero, so NaN or
-  inf left in padding cannot leak into a result (0 * inf = NaN);
+  inf left in padding cannot leak into a result (0 * inf = NaN); the per-token losses built on
+  these (`ppo_policy_loss`, `ppo_value_loss`, `grpo_kl_loss`) also zero padded inputs before
+  their arithmetic, so junk cannot reach a gradient either;
 - an empty selection gives 0, never NaN.
 
 Loss aggregation (`aggregate_loss`) is written as numerator / normaliser, where the numerator

@@ -25,6 +25,7 @@ def _last_token_index(mask: Tensor) -> Tensor:
     return (mask.bool() * positions).argmax(-1)
 
 
+@torch.no_grad()
 def token_rewards(
     scores: Tensor,
     logp: Tensor,
@@ -39,8 +40,8 @@ def token_rewards(
     r_t = -beta * KL_t + [t == last] * score: the KL-penalised reward of InstructGPT
     (https://arxiv.org/abs/2203.02155, Eq. 2; first in Ziegler et al. 2019,
     https://arxiv.org/abs/1909.08593), with the KL term spread over tokens as PPO-for-LLM
-    implementations do. A row with no valid token gets
-    zeros (its score is dropped: there is no token to credit).
+    implementations do. A row with no valid token gets zeros (its score is dropped: there is
+    no token to credit). No gradient flows: rewards are targets.
 
     Args:
         scores: (B,) sequence-level scores (reward model or rule rewards).
@@ -154,7 +155,12 @@ def ppo_policy_loss(
     eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    log_ratio = (logp - old_logp).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    mask = mask.bool()
+    # Zero the padding *before* the arithmetic: NaN there would otherwise reach logp's gradient
+    # as 0 * NaN even though aggregate_loss drops it from the value.
+    advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
+    log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp))
+    log_ratio = log_ratio.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)  # (B, T)
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high)
@@ -171,7 +177,7 @@ def ppo_policy_loss(
             "clipfrac_high": masked_mean(((ratio > 1.0 + eps_high) & (advantages > 0)).float(), mask),
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
-            "ratio_max": torch.where(mask.bool(), ratio, torch.zeros_like(ratio)).amax(),
+            "ratio_max": torch.where(mask, ratio, torch.zeros_like(ratio)).amax(),
         }
         if dual_clip is not None:
             dual_active = (advantages < 0) & (loss_mat < torch.maximum(loss_unclipped, loss_clipped))
@@ -206,6 +212,9 @@ def ppo_value_loss(
         stats: vf_clipfrac (tokens where the clipped error is the larger one), value_mean,
             explained_variance (1 - Var[R - V] / Var[R]; 0 when Var[R] = 0).
     """
+    mask = mask.bool()
+    returns = torch.where(mask, returns, torch.zeros_like(returns))  # NaN-safe gradient, as above
+    old_values = torch.where(mask, old_values, torch.zeros_like(old_values))
     err_unclipped = (values - returns).square()
     if clip_eps is None:
         err = err_unclipped

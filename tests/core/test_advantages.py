@@ -139,11 +139,12 @@ def test_bad_groups_are_rejected():
 
 
 def test_grpo_kl_loss_by_hand():
-    """logp - ref = ln 2 on three valid tokens (a fourth is padding with junk): k3 = 0.5 - 1 + ln 2
-    = 0.193147 each, token mean 0.193147. Gradient per valid token (1 - e^{-ln 2}) / 3 = 1/6."""
+    """logp - ref = ln 2 on three valid tokens (a fourth is padding with junk, NaN in the
+    reference): k3 = 0.5 - 1 + ln 2 = 0.193147 each, token mean 0.193147. Gradient per valid
+    token (1 - e^{-ln 2}) / 3 = 1/6, and exactly 0 (not NaN) on the padding."""
     logp = torch.tensor([[math.log(2.0)] * 3 + [50.0]], requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
-    loss, stats = grpo_kl_loss(logp, torch.zeros(1, 4), mask)
+    loss, stats = grpo_kl_loss(logp, torch.tensor([[0.0, 0.0, 0.0, float("nan")]]), mask)
     assert loss.item() == pytest.approx(0.5 - 1 + math.log(2.0))
     assert stats["kl"].item() == pytest.approx(loss.item())
     loss.backward()

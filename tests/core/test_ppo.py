@@ -194,6 +194,20 @@ def test_masked_tokens_and_aggregation_mode_are_respected():
     assert ppo_policy_loss(logp, logp, adv, mask, normaliser=12)[0].item() == pytest.approx(-0.5)
 
 
+def test_nan_in_padding_reaches_neither_loss_nor_gradient():
+    """Junk (NaN) in padded advantages, old log-probs and returns: loss and gradients stay finite."""
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    nan = float("nan")
+    logp = torch.zeros(1, 3, requires_grad=True)
+    loss, _ = ppo_policy_loss(logp, torch.tensor([[0.0, 0.0, nan]]), torch.tensor([[1.0, 1.0, nan]]), mask)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.0) and torch.isfinite(logp.grad).all()
+    values = torch.zeros(1, 3, requires_grad=True)
+    loss, _ = ppo_value_loss(values, torch.tensor([[0.0, 0.0, nan]]), torch.tensor([[1.0, 1.0, nan]]), mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(values.grad).all()
+
+
 def test_registry_entry_is_the_function():
     assert POLICY_LOSSES.get("ppo") is ppo_policy_loss
 
