@@ -8,16 +8,19 @@ Masks are aligned with `input_ids`: `loss_mask[b, t] = 1` when token t is a resp
 A trainer scoring token t uses the logits at t - 1, so it pairs `logits[:, :-1]` with
 `input_ids[:, 1:]` and `loss_mask[:, 1:]`. `loss_mask` is float32 0/1; `attention_mask` is
 int64, as Hugging Face models expect.
+
+torch is imported on first use, so `import align.data` stays cheap for data-only tools.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from align.data.tokenize import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _width(seqs: Sequence[Sequence[int]], pad_to_multiple_of: int | None) -> int:
@@ -28,8 +31,11 @@ def _width(seqs: Sequence[Sequence[int]], pad_to_multiple_of: int | None) -> int
 
 
 def right_pad(seqs: Sequence[Sequence[int]], pad_value: int | float, *, pad_to_multiple_of: int | None = None,
-              dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """(B, T) tensor, row b = seqs[b] followed by `pad_value`."""
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, T) tensor (int64 unless `dtype`), row b = seqs[b] followed by `pad_value`."""
+    import torch
+
+    dtype = dtype or torch.long
     out = torch.full((len(seqs), _width(seqs, pad_to_multiple_of)), pad_value, dtype=dtype)
     for b, s in enumerate(seqs):
         out[b, : len(s)] = torch.as_tensor(list(s), dtype=dtype)
@@ -38,6 +44,8 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_value: int | float, *, pad_to_m
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, *, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """Prompts for generation: `input_ids` (B, T) padded on the left, `attention_mask` (B, T)."""
+    import torch
+
     width = _width(seqs, pad_to_multiple_of)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -60,6 +68,8 @@ def collate_sft(batch: Sequence[dict[str, Any]], pad_id: int, *, pad_to_multiple
 
 
 def _prompt_response_batch(prompts, responses, pad_id, pad_to_multiple_of):
+    import torch
+
     seqs = [p + r for p, r in zip(prompts, responses)]
     masks = [[0.0] * len(p) + [1.0] * len(r) for p, r in zip(prompts, responses)]
     return {
@@ -82,6 +92,8 @@ def collate_pairs(batch: Sequence[dict[str, Any]], pad_id: int, *, pad_to_multip
 
 def collate_kto(batch: Sequence[dict[str, Any]], pad_id: int, *, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """`tokenize_kto` items -> input_ids, attention_mask, loss_mask (B, T) and label (B,) bool."""
+    import torch
+
     out = _prompt_response_batch([x["prompt_ids"] for x in batch], [x["completion_ids"] for x in batch],
                                  pad_id, pad_to_multiple_of)
     out["label"] = torch.tensor([bool(x["label"]) for x in batch], dtype=torch.bool)
