@@ -28,6 +28,7 @@ from align.data.formats import (
     parse_row,
     resolve_columns,
 )
+from align.data.packing import collate_packed, pack_sft
 from align.data.sources import Row, read_rows
 from align.data.split import train_val_split
 from align.data.tokenize import (
@@ -127,7 +128,7 @@ __all__ = [
     "ChatExample", "DataError", "DataStats", "Example", "KTOExample", "PairExample", "PromptExample",
     "Row", "SFTExample",
     "as_sft", "build_split", "chat_segments", "collate_kto", "collate_pairs", "collate_prompts",
-    "collate_sft", "get_format", "has_chat_template", "iter_examples", "left_pad", "load_examples",
-    "parse_row", "read_rows", "render_chat", "right_pad", "tokenize_kto", "tokenize_pairs",
+    "collate_packed", "collate_sft", "get_format", "has_chat_template", "iter_examples", "left_pad", "load_examples",
+    "pack_sft", "parse_row", "read_rows", "render_chat", "right_pad", "tokenize_kto", "tokenize_pairs",
     "tokenize_prompts", "tokenize_sft", "train_val_split",
 ]
