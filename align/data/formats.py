@@ -170,7 +170,7 @@ def _as_messages(text: Text, role: str) -> list[Message]:
     return [{"role": role, "content": text}] if isinstance(text, str) else text
 
 
-def _unify(prompt: Text, *responses: Text) -> tuple[Text, ...]:
+def unify(prompt: Text, *responses: Text) -> tuple[Text, ...]:
     """All strings stay strings; if any field is a message list, all become message lists."""
     if all(isinstance(t, str) for t in (prompt, *responses)):
         return (prompt, *responses)
@@ -216,7 +216,7 @@ def parse_pairwise(row: Row, cols: Mapping[str, str]) -> PairExample:
     else:
         hint = "; for whole HH-RLHF dialogues use format 'hh'" if isinstance(chosen, str) else ""
         raise _bad(row, cols["prompt"], "missing" + hint, "missing_field")
-    return PairExample(*_unify(prompt, chosen, rejected))
+    return PairExample(*unify(prompt, chosen, rejected))
 
 
 def parse_hh(row: Row, cols: Mapping[str, str]) -> PairExample:
@@ -247,7 +247,7 @@ def parse_kto(row: Row, cols: Mapping[str, str]) -> KTOExample:
         label = bool(label)
     else:
         raise _bad(row, cols["label"], f"expected a bool (or 0/1), got {label!r}", "wrong_type")
-    prompt, completion = _unify(prompt, completion)
+    prompt, completion = unify(prompt, completion)
     return KTOExample(prompt, completion, label)
 
 

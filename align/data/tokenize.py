@@ -34,7 +34,7 @@ from typing import Any
 
 from align.data.chat import chat_segments, render_chat, render_prompt_completion
 from align.data.errors import DataStats
-from align.data.formats import ChatExample, Example, KTOExample, PairExample, PromptExample, SFTExample, Text, _unify
+from align.data.formats import ChatExample, Example, KTOExample, PairExample, PromptExample, SFTExample, Text, unify
 
 IGNORE_INDEX = -100
 OVERLONG = ("truncate_left", "drop")
@@ -229,7 +229,7 @@ class _Plan:
 
 def _plan(prompt: Text, responses: list[Text], tokenizer, add_eos: bool) -> _Plan:
     """Pieces [prompt, response, ...]: alternative responses to one prompt."""
-    prompt, *responses = _unify(prompt, *responses)
+    prompt, *responses = unify(prompt, *responses)
     if isinstance(prompt, str):
         mode = "cont" if prompt else "plain"
         return _Plan([(prompt, "start")] + [(r, mode) for r in responses], add_eos)
