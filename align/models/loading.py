@@ -6,6 +6,7 @@ Every loader here is hub-agnostic: a local folder and a hub name go through the 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -75,6 +76,40 @@ def ensure_pad_token(tokenizer, model=None) -> None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+QUANTIZATIONS = ("nf4",)
+
+
+def quantization_config(quantization: str, compute_dtype: str | torch.dtype = "float32"):
+    """A BitsAndBytesConfig for `quantization` ("nf4": 4-bit NormalFloat with double quantization,
+    the QLoRA recipe, Dettmers et al. 2023, https://arxiv.org/abs/2305.14314, section 3).
+
+    Fails with an error naming the option and the fix when bitsandbytes is missing or cannot
+    load on this platform.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; valid: {list(QUANTIZATIONS)} or None")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            f"quantization={quantization!r} (QLoRA) needs bitsandbytes, which is not installed: "
+            "pip install 'align[qlora]' (or pip install bitsandbytes), or use quantization=None"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # a wheel without a backend for this platform fails at import
+        raise RuntimeError(
+            f"quantization={quantization!r} needs bitsandbytes, which is installed but does not load on "
+            f"this platform ({type(err).__name__}: {err}); use quantization=None"
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=resolve_dtype(compute_dtype),
+    )
+
+
 def load_causal_lm(
     path: str,
     *,
@@ -82,18 +117,36 @@ def load_causal_lm(
     device: str = "cpu",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    quantization: str | None = None,
     **kwargs: Any,
 ):
-    """Load any Hugging Face causal LM (local folder or hub id) in `dtype` on `device`."""
+    """Load any Hugging Face causal LM (local folder or hub id) in `dtype` on `device`.
+
+    `quantization="nf4"` loads the linear layers in 4-bit NF4 with double quantization (the
+    QLoRA base; needs bitsandbytes); `dtype` is then the compute dtype and of the other layers.
+    """
     from transformers import AutoModelForCausalLM
 
     extra = dict(kwargs)
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
+    target = resolve_device(device)
+    if quantization is not None:
+        extra["quantization_config"] = quantization_config(quantization, dtype)
+        extra.setdefault("device_map", {"": str(target)})  # quantized weights cannot be moved by .to()
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **extra
+            )
+        except (RuntimeError, NotImplementedError) as err:
+            raise RuntimeError(
+                f"loading {path} with quantization={quantization!r} on {target} failed: {err}. "
+                "bitsandbytes 4-bit needs CUDA, or CPU with bitsandbytes >= 0.46; use quantization=None"
+            ) from err
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **extra
     )
-    return model.to(resolve_device(device))
+    return model.to(target)
 
 
 def load_model_and_tokenizer(path: str, *, dtype="float32", device="cpu", trust_remote_code=False, **kw):

@@ -1,0 +1,342 @@
+"""The verbs every role model serves, whichever way its weights are held.
+
+Roles: `actor` (the policy), `critic` (a value head), `reward` (a score head) and `reference`
+(the frozen policy the KL penalty is measured against). `RoleModel` computes token log-probs,
+per-token values and sequence scores, runs several inference-only roles in one call, and
+exports the actor and the reward model in Hugging Face formats. Its subclasses only say how to
+reach a role's causal LM and how to make a role active:
+
+- `MultiHeadModel` (multihead.py): one base, a LoRA adapter per role, reference = adapters off.
+- `SeparateModels` (separate.py): one model per role (full fine-tuning, or LoRA on copies).
+
+Values and scores run the backbone (`causal_lm.base_model`) without the LM head, so a critic or
+reward pass never materialises (B, T, V) logits.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+ROLES = ("actor", "critic", "reward")  # the trainable roles
+REFERENCE = "reference"
+HEADS = {"critic": "value_head", "reward": "score_head"}
+HEAD_FILES = {"critic": "value_head.safetensors", "reward": "score_head.safetensors"}
+# peft's LoRA parameter containers: keys holding one of these are adapter weights, not base weights.
+_LORA_SEGMENTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
+
+
+def check_role(role: str, valid: Sequence[str], what: str = "role") -> None:
+    if role not in valid:
+        raise ValueError(f"unknown or disabled {what} {role!r}; valid here: {list(valid)}")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted over real tokens only, so left-padded rows score as `generate` saw them."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last real token of each row; works for left and right padding."""
+    T = attention_mask.shape[-1]
+    idx = torch.arange(T, device=attention_mask.device)
+    return (idx * (attention_mask != 0)).argmax(-1)
+
+
+def make_head(hidden_size: int, *, bias: bool, device=None) -> nn.Linear:
+    """A (hidden -> 1) head in fp32 whatever the base dtype: values and scores are regression targets.
+
+    The score head has no bias so that it maps one-to-one onto the `score` layer of Hugging Face's
+    `*ForSequenceClassification` models (which have none).
+    """
+    head = nn.Linear(hidden_size, 1, bias=bias, device=device, dtype=torch.float32)
+    nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+    if bias:
+        nn.init.zeros_(head.bias)
+    return head
+
+
+def merged_state_dict(causal_lm: nn.Module, adapter: str | None) -> dict[str, torch.Tensor]:
+    """The causal LM's state dict under its plain Hugging Face key names, `adapter`'s LoRA merged in.
+
+    Works on a model with peft LoRA layers injected (keys `...q_proj.base_layer.weight`,
+    `...lora_A.<name>.weight`) and on a plain one. The live weights are not touched: merged
+    tensors are new (W + scale * B @ A, peft's own `get_delta_weight`), the rest are views.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    sd = {}
+    for key, tensor in causal_lm.state_dict().items():
+        parts = key.split(".")
+        if _LORA_SEGMENTS.intersection(parts):
+            continue
+        sd[".".join(p for p in parts if p != "base_layer")] = tensor
+    if adapter is None:
+        return sd
+    if getattr(causal_lm, "is_quantized", False) or getattr(causal_lm, "is_loaded_in_4bit", False):
+        raise ValueError(
+            "cannot merge a LoRA adapter into a quantized base; load the base in float32/bfloat16, "
+            "load the adapter with `load_role`, and export from that model"
+        )
+    found = False
+    for name, module in causal_lm.named_modules():
+        if isinstance(module, LoraLayer) and adapter in (*module.lora_A.keys(), *module.lora_embedding_A.keys()):
+            weight = module.get_base_layer().weight
+            sd[f"{name}.weight"] = weight.detach() + module.get_delta_weight(adapter).to(weight.dtype)
+            found = True
+    if not found:
+        raise ValueError(f"no LoRA layer holds adapter {adapter!r}")
+    return sd
+
+
+def save_sequence_classifier(
+    causal_lm: nn.Module,
+    backbone_sd: dict[str, torch.Tensor],
+    score_head: nn.Linear,
+    pad_token_id: int | None,
+    out_dir: str,
+) -> None:
+    """Write an `AutoModelForSequenceClassification` folder (num_labels=1) from a causal LM's weights.
+
+    `backbone_sd` holds the causal LM's plain key names (from `merged_state_dict`); the backbone
+    keys are renamed to the classifier's prefix, and its one head takes `score_head`'s weight.
+    The model is built on the meta device, so exporting never holds a second full copy.
+    """
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    if pad_token_id is None:
+        raise ValueError("exporting a reward model needs pad_token_id: the classifier pools at the last non-pad token")
+    config = copy.deepcopy(causal_lm.config)
+    config.num_labels = 1
+    config.pad_token_id = pad_token_id
+    config.architectures = None
+    config.id2label, config.label2id = {0: "LABEL_0"}, {"LABEL_0": 0}
+    dtype = next(iter(backbone_sd.values())).dtype
+    with torch.device("meta"):
+        clf = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    src_prefix, dst_prefix = causal_lm.base_model_prefix + ".", clf.base_model_prefix + "."
+    sd = {dst_prefix + k[len(src_prefix):]: v for k, v in backbone_sd.items() if k.startswith(src_prefix)}
+    head_keys = [k for k in clf.state_dict() if not k.startswith(dst_prefix)]
+    for key in head_keys:
+        if key.endswith("weight"):
+            sd[key] = score_head.weight.detach().to(dtype)
+        else:  # a head with a bias, in architectures that have one: ours has none
+            sd[key] = torch.zeros(1, dtype=dtype)
+    clf.load_state_dict(sd, strict=True, assign=True)
+    clf.save_pretrained(out_dir)
+
+
+class RoleModel(nn.Module):
+    """Token log-probs, values and scores for named roles; subclasses supply the weights.
+
+    Subclass hooks: `_causal_lm(role)` (the Hugging Face causal LM computing that role, possibly
+    with LoRA layers injected), `_activate(role)` (a context in which that role's weights are the
+    ones its causal LM uses), `_generator(role)` (a module with `.generate`), `_adapter_name(role)`
+    (the LoRA adapter to merge on export, or None), and `roles` (the trainable roles present).
+    """
+
+    is_lora: bool = False
+    multi_role_modes: tuple[str, ...] = ("separate",)
+    value_head: nn.Linear | None
+    score_head: nn.Linear | None
+    pad_token_id: int | None
+    roles: tuple[str, ...]
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _causal_lm(self, role: str) -> nn.Module:
+        raise NotImplementedError
+
+    @contextmanager
+    def _activate(self, role: str) -> Iterator[None]:
+        raise NotImplementedError
+
+    def _generator(self, role: str) -> nn.Module:
+        raise NotImplementedError
+
+    def _adapter_name(self, role: str) -> str | None:
+        raise NotImplementedError
+
+    def _mixed_hidden(self, roles, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no mixed-role pass; use mode='separate'")
+
+    # ---- shared pieces -------------------------------------------------------------------
+    @property
+    def served_roles(self) -> tuple[str, ...]:
+        return (*self.roles, REFERENCE)
+
+    def _backbone(self, role: str, input_ids, attention_mask) -> torch.Tensor:
+        """(B, T, H) last hidden state of `role`'s backbone; call inside `_activate(role)`."""
+        out = self._causal_lm(role).base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def _token_logprobs(self, role: str, hidden, input_ids, temperature: float) -> torch.Tensor:
+        """(B, T-1) log p(x_{t+1} | x_{<=t}) from (B, T, H) hidden states; call inside `_activate(role)`."""
+        from align.core.logprobs import logprobs_from_logits
+
+        lm = self._causal_lm(role)
+        logits = lm.get_output_embeddings()(hidden[:, :-1])  # (B, T-1, V)
+        softcap = getattr(lm.config, "final_logit_softcapping", None)
+        if softcap:  # Gemma-2 style: applied inside the causal LM's forward, so repeat it here
+            logits = torch.tanh(logits / softcap) * softcap
+        if temperature != 1.0:
+            logits = logits / temperature
+        return logprobs_from_logits(logits, input_ids[:, 1:])  # fp32 whatever the logits' dtype
+
+    def _values_from_hidden(self, hidden) -> torch.Tensor:
+        head = self.value_head
+        return head(hidden.to(head.weight.dtype)).squeeze(-1)  # (B, T)
+
+    def _scores_from_hidden(self, hidden, attention_mask) -> torch.Tensor:
+        head = self.score_head
+        last = last_token_index(attention_mask)  # (B,)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return head(pooled.to(head.weight.dtype)).squeeze(-1)  # (B,)
+
+    # ---- verbs ---------------------------------------------------------------------------
+    def log_probs(self, input_ids, attention_mask, role: str = "actor", temperature: float = 1.0) -> torch.Tensor:
+        """Per-token log-probs of the next tokens under `role` (`actor` or `reference`).
+
+        input_ids, attention_mask: (B, T). Returns (B, T-1): out[:, t] = log p(input_ids[:, t+1] |
+        input_ids[:, :t+1]); positions after padding are garbage and must be masked by the caller.
+        Logits are divided by `temperature` first, matching a rollout sampled at that temperature.
+        """
+        check_role(role, [r for r in self.served_roles if r in ("actor", REFERENCE)])
+        with self._activate(role):
+            hidden = self._backbone(role, input_ids, attention_mask)
+            return self._token_logprobs(role, hidden, input_ids, temperature)
+
+    def values(self, input_ids, attention_mask) -> torch.Tensor:
+        """(B, T) critic value of each prefix x_{<=t} (critic adapter or model + value head)."""
+        check_role("critic", self.roles)
+        with self._activate("critic"):
+            return self._values_from_hidden(self._backbone("critic", input_ids, attention_mask))
+
+    def scores(self, input_ids, attention_mask) -> torch.Tensor:
+        """(B,) reward-model score of each sequence, read at its last non-pad token."""
+        check_role("reward", self.roles)
+        with self._activate("reward"):
+            hidden = self._backbone("reward", input_ids, attention_mask)
+            return self._scores_from_hidden(hidden, attention_mask)
+
+    @torch.no_grad()
+    def multi_role_forward(
+        self,
+        input_ids,
+        attention_mask,
+        roles: Sequence[str] = (REFERENCE, "critic", "reward"),
+        temperature: float = 1.0,
+        mode: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Inference-only outputs of several roles on the same batch.
+
+        Returns {"reference"/"actor": (B, T-1) log-probs, "critic": (B, T) values, "reward": (B,)
+        scores} for the roles asked. `mode="mixed"` runs one forward over the batch repeated once
+        per role, each copy under its own adapter (peft's mixed-adapter batches); `"separate"`
+        runs one forward per role. The default is whichever measured faster
+        (scripts/bench_multirole.py).
+        """
+        mode = mode or self.multi_role_modes[0]
+        check_role(mode, self.multi_role_modes, what="multi-role mode")
+        for role in roles:
+            check_role(role, self.served_roles)
+        was_training = self.training
+        self.eval()  # inference-only: no dropout, whichever mode
+        try:
+            if mode == "separate":
+                return {role: self._single_role(role, input_ids, attention_mask, temperature) for role in roles}
+            return self._mixed_outputs(list(roles), input_ids, attention_mask, temperature)
+        finally:
+            self.train(was_training)
+
+    def _mixed_outputs(self, roles, input_ids, attention_mask, temperature) -> dict[str, torch.Tensor]:
+        hiddens = self._mixed_hidden(roles, input_ids, attention_mask)
+        out = {}
+        for role, hidden in hiddens.items():
+            if role == "critic":
+                out[role] = self._values_from_hidden(hidden)
+            elif role == "reward":
+                out[role] = self._scores_from_hidden(hidden, attention_mask)
+            else:
+                with self._activate(role):  # the LM head may itself carry a LoRA adapter
+                    out[role] = self._token_logprobs(role, hidden, input_ids, temperature)
+        return out
+
+    def _single_role(self, role, input_ids, attention_mask, temperature):
+        if role == "critic":
+            return self.values(input_ids, attention_mask)
+        if role == "reward":
+            return self.scores(input_ids, attention_mask)
+        return self.log_probs(input_ids, attention_mask, role=role, temperature=temperature)
+
+    @contextmanager
+    def using(self, role: str = "actor") -> Iterator[nn.Module]:
+        """A module with `.generate` that computes `role` (actor or reference), sharing these weights."""
+        check_role(role, [r for r in self.served_roles if r in ("actor", REFERENCE)])
+        with self._activate(role):
+            yield self._generator(role)
+
+    def export_merged_actor(self, out_dir: str, tokenizer=None) -> None:
+        """Write the actor as a plain Hugging Face causal-LM folder (`from_pretrained` loads it).
+
+        With LoRA the adapter is merged into a copy of the weights it touches; the live model is
+        unchanged.
+        """
+        check_role("actor", self.roles)
+        lm = self._causal_lm("actor")
+        sd = merged_state_dict(lm, self._adapter_name("actor"))
+        lm.save_pretrained(out_dir, state_dict=sd)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+
+    def export_reward_model(self, out_dir: str, tokenizer=None) -> None:
+        """Write the reward role as an `AutoModelForSequenceClassification` folder (num_labels=1).
+
+        Its logits reproduce `scores` when the classifier's pooling (the rightmost token that is
+        not `pad_token_id`) finds the same token as our attention mask: pad with a token that
+        does not end real sequences.
+        """
+        check_role("reward", self.roles)
+        lm = self._causal_lm("reward")
+        sd = merged_state_dict(lm, self._adapter_name("reward"))
+        save_sequence_classifier(lm, sd, self.score_head, self.pad_token_id, out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+
+    def save(self, out_dir: str) -> None:
+        """Every trainable role to `out_dir/<role>/` (see `save_role`)."""
+        for role in self.roles:
+            self.save_role(role, os.path.join(out_dir, role))
+
+    def load(self, in_dir: str) -> None:
+        for role in self.roles:
+            self.load_role(role, os.path.join(in_dir, role))
+
+    def save_role(self, role: str, out_dir: str) -> None:
+        raise NotImplementedError
+
+    def load_role(self, role: str, in_dir: str) -> None:
+        raise NotImplementedError
+
+
+def save_head(head: nn.Linear, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, path)
+
+
+def load_head(head: nn.Linear, path: str) -> None:
+    from safetensors.torch import load_file
+
+    head.load_state_dict(load_file(path, device=str(head.weight.device)), strict=True)
