@@ -13,11 +13,12 @@ top-p, computed in fp32 whatever the model's dtype. Sampling order: temperature,
 top-p (that of transformers and vLLM). Top-p keeps the smallest set of most likely tokens whose
 probability mass reaches `top_p`.
 
-Stops: a row stops on the first token in `eos_token_ids | params.stop_token_ids` (the token is
-kept in `token_ids`, and dropped from `text` when it is a special token), or when its decoded
-text first contains one of `params.stop`: `token_ids` then end with the token that completed the
-stop string and `text` ends just before the stop string (vLLM's default). Otherwise it runs to
-`max_new_tokens`, or to the model's context length, with finish reason "length".
+Stops (vLLM's defaults, so both backends return the same samples): a row stops on the first
+token in `eos_token_ids | params.stop_token_ids` (the token is kept in `token_ids`, its text is
+left out of `text`), or when its decoded text first contains one of `params.stop` (`token_ids`
+then end with the token that completed the stop string, and `text` ends just before the stop
+string); finish reason "stop". Otherwise it runs to `max_new_tokens`, or until prompt + response
+fill the model's context, with finish reason "length".
 
 Determinism: with `params.seed` set, the same call (same prompts, params and `max_batch_size`)
 returns identical samples; all rows of a call draw from one generator, so a row's sample depends
@@ -36,6 +37,9 @@ import torch
 from torch import nn
 
 from rollout.base import RolloutOutput, RolloutSample, SamplingParams
+
+# Prompt tokens decoded in front of a response so its first token reads as it does in context.
+_DECODE_CONTEXT = 4
 
 
 class HFEngine:
@@ -71,7 +75,6 @@ class HFEngine:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
         self._asleep = False
-        self._max_length: int | None = None  # the running module's context, read per call
 
     # ---- the protocol ---------------------------------------------------------------------
 
@@ -89,19 +92,22 @@ class HFEngine:
         stop_ids = set(self.eos_token_ids) | set(params.stop_token_ids)
         rows = [p for p in prompts for _ in range(params.n)]  # prompt-major
         with self._module() as module, torch.inference_mode():
-            self._check_lengths(module, prompts)
+            budgets = _budgets(module, prompts, params.max_new_tokens)
             if params.num_beams > 1:
-                responses = self._beam_search(module, prompts, params, stop_ids)
+                responses = self._beam_search(module, prompts, budgets, params, stop_ids)
             else:
+                row_budgets = [b for b in budgets for _ in range(params.n)]
                 generator = _generator(params.seed, _device(module))
                 responses = []
                 for start in range(0, len(rows), self.max_batch_size):
-                    chunk = rows[start : start + self.max_batch_size]
-                    responses += self._sample(module, chunk, params, stop_ids, generator)
+                    chunk = slice(start, start + self.max_batch_size)
+                    responses += self._sample(module, rows[chunk], row_budgets[chunk], params, stop_ids, generator)
 
         samples = []
         for i, (token_ids, logprobs, reason) in enumerate(responses):
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            # A stop token's own text is left out (vLLM does the same), special or not.
+            on_stop_token = reason == "stop" and token_ids[-1] in stop_ids
+            text = self._text(rows[i], token_ids[:-1] if on_stop_token else token_ids)
             cut = _first_stop(text, params.stop)
             samples.append(
                 RolloutSample(
@@ -161,6 +167,7 @@ class HFEngine:
         self,
         module: nn.Module,
         rows: list[list[int]],
+        budgets: list[int],
         params: SamplingParams,
         stop_ids: set[int],
         generator: torch.Generator | None,
@@ -169,7 +176,7 @@ class HFEngine:
         device = _device(module)
         input_ids, attention_mask = _left_pad(rows, self.pad_token_id, device)  # (B, P)
         B = len(rows)
-        budget = torch.tensor([self._budget(len(r), params) for r in rows], device=device)  # (B,)
+        budget = torch.tensor(budgets, device=device)  # (B,) new tokens each row may take
         stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding shifts positions
@@ -192,7 +199,7 @@ class HFEngine:
 
             hit = torch.isin(token, stop_tensor) & ~done
             if params.stop:
-                hit |= self._hits_stop_string(texts_ids, token, done, params.stop)
+                hit |= self._hits_stop_string(rows, texts_ids, token, done, params.stop)
             stopped |= hit
             done |= hit | (lengths >= budget)
             if bool(done.all()):
@@ -217,36 +224,35 @@ class HFEngine:
             for i, (n, s) in enumerate(zip(lengths.tolist(), stopped.tolist()))
         ]
 
-    def _hits_stop_string(self, texts_ids, token, done, stops) -> torch.Tensor:
+    def _hits_stop_string(self, rows, texts_ids, token, done, stops) -> torch.Tensor:
         """(B,) bool: rows whose decoded response first contains a stop string at this token."""
         hit = torch.zeros_like(done)
         for i, (t, d) in enumerate(zip(token.tolist(), done.tolist())):
             if d:
                 continue
             texts_ids[i].append(t)
-            if _first_stop(self.tokenizer.decode(texts_ids[i], skip_special_tokens=True), stops) is not None:
+            if _first_stop(self._text(rows[i], texts_ids[i]), stops) is not None:
                 hit[i] = True
         return hit
 
-    def _check_lengths(self, module: nn.Module, prompts: list[list[int]]) -> None:
-        """Read the context length off the module that runs, and refuse prompts that fill it."""
-        self._max_length = getattr(getattr(module, "config", None), "max_position_embeddings", None)
-        for i, p in enumerate(prompts):
-            if self._max_length is not None and len(p) >= self._max_length:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context is {self._max_length}")
+    def _text(self, prompt: list[int], ids: list[int]) -> str:
+        """The response's text as it reads after its prompt: decoded behind the prompt's last few
+        tokens, so a leading space survives (SentencePiece drops it at the start of a decode) and
+        prompt text + response text is the text of the whole sequence, as with vLLM."""
+        context = prompt[-_DECODE_CONTEXT:]
+        head = self.tokenizer.decode(context, skip_special_tokens=True)
+        whole = self.tokenizer.decode(context + ids, skip_special_tokens=True)
+        if whole.startswith(head):
+            return whole[len(head) :]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _budget(self, prompt_len: int, params: SamplingParams) -> int:
-        """New tokens a row may take: max_new_tokens, capped so prompt + response fit the context."""
-        if self._max_length is None:
-            return params.max_new_tokens
-        return min(params.max_new_tokens, self._max_length - prompt_len)
-
-    def _beam_search(self, module, prompts, params, stop_ids) -> list[tuple[list[int], list[float], str]]:
+    def _beam_search(self, module, prompts, budgets, params, stop_ids) -> list[tuple[list[int], list[float], str]]:
         """Beam search through `module.generate`; the n best beams per prompt, cut at stops and
         re-scored with raw log-probs by one forward pass."""
         responses = []
-        for start in range(0, len(prompts), max(1, self.max_batch_size // params.num_beams)):
-            chunk = prompts[start : start + max(1, self.max_batch_size // params.num_beams)]
+        per_call = max(1, self.max_batch_size // params.num_beams)  # prompts x beams rows per forward
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start : start + per_call]
             input_ids, attention_mask = _left_pad(chunk, self.pad_token_id, _device(module))
             P = input_ids.shape[1]
             out = module.generate(
@@ -255,7 +261,7 @@ class HFEngine:
                 do_sample=False,
                 num_beams=params.num_beams,
                 num_return_sequences=params.n,
-                max_new_tokens=min(self._budget(len(p), params) for p in chunk),
+                max_new_tokens=min(budgets[start : start + per_call]),
                 eos_token_id=sorted(stop_ids) or None,
                 pad_token_id=self.pad_token_id,
                 early_stopping=True,
@@ -264,22 +270,22 @@ class HFEngine:
                 top_p=None,
                 temperature=None,
             )  # (len(chunk) * n, P + new), prompt-major like our rows
-            for seq in out[:, P:].tolist():
-                responses.append(self._cut_at_stops(seq, stop_ids, params.stop))
+            for k, seq in enumerate(out[:, P:].tolist()):
+                responses.append(self._cut_at_stops(chunk[k // params.n], seq, stop_ids, params.stop))
         rows = [p for p in prompts for _ in range(params.n)]
         scores = self._score(module, rows, [r[0] for r in responses])
         return [(ids, lp, reason) for (ids, _, reason), lp in zip(responses, scores)]
 
-    def _cut_at_stops(self, ids: list[int], stop_ids: set[int], stops: tuple[str, ...]):
+    def _cut_at_stops(self, prompt: list[int], ids: list[int], stop_ids: set[int], stops: tuple[str, ...]):
         """Cut a finished sequence at its first stop token or stop string (the stopping token kept)."""
         reason = "length"
         for j, t in enumerate(ids):
             if t in stop_ids:
                 ids, reason = ids[: j + 1], "stop"
                 break
-        if stops and _first_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops) is not None:
+        if stops and _first_stop(self._text(prompt, ids), stops) is not None:
             for j in range(len(ids)):
-                if _first_stop(self.tokenizer.decode(ids[: j + 1], skip_special_tokens=True), stops) is not None:
+                if _first_stop(self._text(prompt, ids[: j + 1]), stops) is not None:
                     ids, reason = ids[: j + 1], "stop"
                     break
         return ids, [], reason
@@ -309,6 +315,18 @@ class HFEngine:
             finally:
                 for m, training in modes:
                     m.training = training
+
+
+def _budgets(module: nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
+    """New tokens each prompt may take: max_new_tokens, capped so prompt + response fit the
+    model's context (the trainer must be able to re-score the whole sequence)."""
+    context = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+    if context is None:
+        return [max_new_tokens] * len(prompts)
+    for i, p in enumerate(prompts):
+        if len(p) >= context:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context is {context}")
+    return [min(max_new_tokens, context - len(p)) for p in prompts]
 
 
 def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -42,10 +42,14 @@ def test_greedy_equals_plain_decode(stories, prompts):
         assert s.prompt_index == i
         assert s.token_ids == tokens
         assert s.logprobs == pytest.approx(logprobs, abs=1e-5)
-        assert s.text == tok.decode(tokens, skip_special_tokens=True)
+        # The text reads as it does after the prompt (a leading space kept).
+        assert tok.decode(prompts[i], skip_special_tokens=True) + s.text == tok.decode(
+            prompts[i] + tokens, skip_special_tokens=True
+        )
         assert s.finish_reason == "length"
     # The pretrained model writes English, so this is a real model, not noise.
     assert out.samples[0].text.startswith(", there was a little")
+    assert out.samples[2].text.startswith(" ")  # "Tom" + " ...": SentencePiece would drop it alone
 
 
 def test_greedy_on_tiny_random_llama(tiny, stories, prompts):
@@ -105,7 +109,8 @@ def test_stop_token_ids_end_a_row_with_finish_reason_stop(stories, prompts):
     j = next(j for j in range(3, len(full)) if full[j] not in full[:j])  # first occurrence
     stop = engine.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=20, stop_token_ids=(full[j],)))
     s = stop.samples[0]
-    assert s.token_ids == full[: j + 1]  # the stop token is kept
+    assert s.token_ids == full[: j + 1]  # the stop token is kept in the ids, not in the text
+    assert s.text == engine.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=j)).samples[0].text
     assert s.finish_reason == "stop"
     assert len(s.logprobs) == j + 1
 
@@ -119,7 +124,7 @@ def test_stop_strings_cut_text_and_tokens(stories, prompts):
     model, tok = stories
     engine = HFEngine(model, tok)
     full = engine.generate(prompts[:2], GREEDY).samples
-    full_text = tok.decode(full[0].token_ids)
+    full_text = full[0].text
     stop_str = "named Lily"  # spans several tokens of the greedy story
     assert stop_str in full_text and stop_str not in full[1].text
     out = engine.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=20, stop=(stop_str, "zzz")))
