@@ -4,6 +4,12 @@ Log-prob convention (both backends, and the trainer): `RolloutSample.logprobs[t]
 probability of `token_ids[t]` under the *raw* policy distribution, log_softmax(logits) before
 temperature, top-k or top-p are applied. This is what the trainer recomputes as "old log-probs",
 so the two agree to numerical precision in fp32 whatever the sampling settings are.
+
+The trainer's side of that agreement: one forward over prompt + response at temperature 1, then
+`align.core.logprobs.logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])` (or
+`MultiHeadModel.log_probs(..., temperature=1.0)`), read at the response positions. In fp32 on
+CPU the two agree within 1e-4 (tests/rollout/test_hf_logprobs.py, tests/vllm/). A trainer that
+wants temperature-scaled log-probs must divide the logits itself; the engine never does.
 """
 
 from __future__ import annotations
@@ -49,8 +55,13 @@ class SamplingParams:
 class RolloutSample:
     """One generated response.
 
-    token_ids: (L,) response token ids, stop token included when generation ended on one.
+    token_ids: (L,) response token ids, stop token included when generation ended on one; on a
+               stop string, they end with the token that completed it.
+    text:      the response as it reads after the prompt (a leading space kept: prompt text + text
+               reads as the whole sequence); a stop token's text and a stop string (and all after) left out.
     logprobs:  (L,) raw log-probs of those tokens (see the module docstring).
+    finish_reason: "stop" (stop token, eos or stop string) or "length" (max_new_tokens, or the
+               model's context filled).
     """
 
     prompt_index: int
