@@ -145,9 +145,8 @@ class HFEngine:
                 raise TypeError("update_weights(lora=...) needs a peft model; pass state_dict= for a plain model")
             name = self.model.active_adapter
             result = set_peft_model_state_dict(self.model, lora, adapter_name=name)
-            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-            if unexpected:
-                raise KeyError(f"LoRA tensors not in adapter {name!r}: {unexpected[:5]}")
+            if result.unexpected_keys:
+                raise KeyError(f"LoRA tensors not in adapter {name!r}: {result.unexpected_keys[:5]}")
 
     def sleep(self) -> None:
         """Free what generation holds. The KV cache lives only inside `generate`, so there is no pool

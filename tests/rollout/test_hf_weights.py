@@ -65,6 +65,8 @@ def test_update_weights_with_lora_tensors(tiny, stories, prompts):
 
     engine.update_weights(lora=zero)
     assert tokens(engine.generate(prompts, GREEDY)) == tokens(base_out)
+    with pytest.raises(KeyError, match="not in adapter"):
+        engine.update_weights(lora={"base_model.model.no_such.lora_A.weight": torch.zeros(1)})
 
 
 def test_sleep_and_wake_up(stories, prompts):
