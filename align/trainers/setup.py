@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from align.config import DataConfig, ModelConfig
 from align.models.loading import ensure_pad_token, load_causal_lm, load_tokenizer
 
@@ -30,3 +33,35 @@ def build_policy(cfg: ModelConfig):
             target_modules=target if isinstance(target, str) else list(target), task_type="CAUSAL_LM",
         ))
     return model, tokenizer
+
+
+@dataclass
+class TokenizedData:
+    """A run's tokenized train and validation items, with the counts of what was read,
+    skipped, truncated and dropped, and the collator that pads a list of items into a batch."""
+
+    train: list[dict]
+    val: list[dict]
+    stats: dict
+    stats_line: str
+    collate: Callable[[list[dict]], object]
+
+
+def load_sft_data(cfg: DataConfig, tokenizer) -> TokenizedData:
+    """Read `cfg.source`, split it deterministically, tokenize for SFT (prompt tokens masked)."""
+    from align.data import DataStats, build_split, collate_sft, tokenize_sft
+    from align.trainers.sft import SFTBatch
+
+    stats = DataStats()
+    train, val = build_split(
+        cfg.source, cfg.format, val_fraction=cfg.val_fraction, val_size=cfg.val_size, seed=cfg.seed,
+        columns=dict(cfg.columns), on_error=cfg.on_error, limit=cfg.limit, split=cfg.split, stats=stats,
+    )
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+              max_response_length=cfg.max_response_length, overlong=cfg.overlong, stats=stats)
+    train_items, val_items = tokenize_sft(train, tokenizer, **kw), tokenize_sft(val, tokenizer, **kw)
+    if not train_items:
+        raise ValueError(f"data.source {cfg.source}: no training examples left; {stats.summary()}")
+    pad = tokenizer.pad_token_id
+    return TokenizedData(train_items, val_items, stats.as_dict(), stats.summary(),
+                         lambda items: SFTBatch(**collate_sft(items, pad)))

@@ -145,7 +145,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             nll, mask = token_nll(model, batch)
             loss = sft_loss(nll, mask, algo.loss_agg, normaliser)
             loss.backward()
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"sft: loss is {step_loss} at step {step}; last checkpoint kept in {ckpt.root}")
         grad_norm = torch.nn.utils.clip_grad_norm_(
