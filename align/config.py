@@ -87,7 +87,7 @@ class DataConfig:
     """A dataset: where it is, how its rows read, how they are cut to length.
 
     source: a .jsonl / .jsonl.gz / .json / .parquet file, a `save_to_disk` folder, or a hub name.
-    format: alpaca | chat | sharegpt | pairwise | hh | kto | prompt_answer.
+    format: alpaca | chat | sharegpt | pairwise | hh | kto | prompt_answer | prompt (RL prompts).
     columns: renames, e.g. {prompt: question}.
     on_error: `raise` (the error names file, line and field) or `skip` (skipped and counted).
     overlong: `truncate_left` (keep the end of the prompt) or `drop`; both are counted.
@@ -110,7 +110,7 @@ class DataConfig:
     def __post_init__(self):
         if not self.source:
             raise ConfigError("data.source: required (a file, a saved dataset folder or a hub name)")
-        _one_of("data.format", self.format, ("alpaca", "chat", "sharegpt", "pairwise", "hh", "kto", "prompt_answer"))
+        _one_of("data.format", self.format, ("alpaca", "chat", "sharegpt", "pairwise", "hh", "kto", "prompt_answer", "prompt"))
         _one_of("data.overlong", self.overlong, ("truncate_left", "drop"))
         _one_of("data.on_error", self.on_error, ("raise", "skip"))
         if not 0 <= self.val_fraction < 1:
@@ -195,11 +195,16 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """A registered reward (`rewards.get_reward(name, **options)`), or a trained reward model."""
+    """A registered reward (`rewards.get_reward(name, **options)`), or a trained reward model.
 
-    name: str = "story"
+    RL sequence score = rule score (when `name` is set) + model_weight * reward-model score (when
+    `model_path` is set: a folder written by `save_role("reward", ...)`, an adapter + score head).
+    """
+
+    name: Optional[str] = "story"
     options: Dict[str, Any] = field(default_factory=dict)
     model_path: Optional[str] = None
+    model_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,11 @@ class ClusterConfig:
     num_replicas: int = 1
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
+    # RL runs (align/workers): CPUs of the in-process cluster (null: all), the dashboard (off:
+    # nothing listens beyond Ray's own ports), seconds to wait for workers to start.
+    num_cpus: Optional[int] = None
+    include_dashboard: bool = False
+    worker_start_timeout_s: float = 300.0
 
     def __post_init__(self):
         _one_of("cluster.placement", self.placement, ("colocated", "split"))
@@ -243,6 +253,134 @@ class SFTConfig(AlgoConfig):
 
 
 ALGO_SCHEMAS: dict[str, type] = {"sft": SFTConfig}
+
+
+@dataclass(frozen=True)
+class RLConfig(AlgoConfig):
+    """Settings every online RL driver (GRPO, PPO) shares; see align/trainers/rl.py.
+
+    rollout_batch_size: prompts per iteration; each gets `num_generations` samples.
+    num_generations: samples per prompt (GRPO's group size G).
+    ppo_epochs: passes over the iteration's samples; minibatch_size: samples per optimizer step
+        (null: all of them, one step per epoch). Each worker runs its share of a minibatch in
+        micro-batches of `trainer.batch_size` rows (gradient accumulation).
+    clip_eps_low / clip_eps_high: PPO clip range; high > low is DAPO's clip-higher (null: = low).
+    dual_clip: dual-clip PPO constant c > 1, or null.
+    loss_agg: a mode of `align.core.AGG_MODES`; the normaliser is global over the minibatch.
+    kl_coef, kl_kind: the KL term's weight and estimator (GRPO: in the loss; PPO: reward shaping).
+    eval_prompts: held-out prompts evaluated at step 0 and every `trainer.eval_every` steps, with
+        `eval_samples` samples each at `eval_temperature` and a fixed seed.
+    forward_batch_size: rows per no-grad forward in the workers.
+    """
+
+    rollout_batch_size: int = 8
+    num_generations: int = 8
+    ppo_epochs: int = 1
+    minibatch_size: Optional[int] = None
+    clip_eps_low: float = 0.2
+    clip_eps_high: Optional[float] = None
+    dual_clip: Optional[float] = None
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    eval_prompts: int = 32
+    eval_samples: int = 2
+    eval_temperature: float = 1.0
+    forward_batch_size: int = 64
+
+    def __post_init__(self):
+        from align.core.kl import KL_KINDS
+        from align.core.masked import AGG_MODES
+
+        for key in ("rollout_batch_size", "num_generations", "ppo_epochs", "eval_samples", "forward_batch_size"):
+            _positive(f"algo.{key}", getattr(self, key))
+        _positive("algo.eval_prompts", self.eval_prompts, allow_zero=True)
+        _positive("algo.clip_eps_low", self.clip_eps_low)
+        if self.clip_eps_high is not None:
+            _positive("algo.clip_eps_high", self.clip_eps_high)
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"algo.dual_clip: must be > 1 or null, got {self.dual_clip!r}")
+        if self.minibatch_size is not None:
+            _positive("algo.minibatch_size", self.minibatch_size)
+            if (self.rollout_batch_size * self.num_generations) % self.minibatch_size:
+                raise ConfigError(
+                    f"algo.minibatch_size: {self.minibatch_size} does not divide the "
+                    f"{self.rollout_batch_size * self.num_generations} samples of an iteration"
+                )
+        _one_of("algo.loss_agg", self.loss_agg, AGG_MODES)
+        _one_of("algo.kl_kind", self.kl_kind, KL_KINDS)
+        _positive("algo.kl_coef", self.kl_coef, allow_zero=True)
+        _positive("algo.eval_temperature", self.eval_temperature, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class GRPOConfig(RLConfig):
+    """GRPO (arXiv:2402.03300) and its variants (align/trainers/grpo.py).
+
+    advantage_estimator: a name in `align.core.ADVANTAGE_ESTIMATORS` (grpo, dr_grpo, rloo,
+        reinforce_pp). kl_coef: beta of the k3 KL-in-loss term against the reference (0: no
+        reference pass at all). filter_zero_variance: drop groups whose rewards are all equal
+        from the update (DAPO's dynamic sampling, arXiv:2503.14476 Sec. 3.2, without re-sampling).
+    """
+
+    name: str = "grpo"
+    advantage_estimator: str = "grpo"
+    kl_coef: float = 0.04
+    filter_zero_variance: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        from align.core.advantages import ADVANTAGE_ESTIMATORS
+
+        _one_of("algo.advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS.names()))
+        if self.num_generations < 2 and self.advantage_estimator != "reinforce_pp":
+            raise ConfigError(f"algo.num_generations: group baselines need >= 2 samples per prompt, got {self.num_generations}")
+
+
+@dataclass(frozen=True)
+class PPOConfig(RLConfig):
+    """PPO with a critic (align/trainers/ppo.py): KL-shaped token rewards, GAE, clipped losses.
+
+    kl_controller: `fixed` (kl_coef throughout) or `adaptive` (Ziegler et al. 2019,
+        arXiv:1909.08593 Sec. 2.2: kl_coef follows kl_target over kl_horizon samples).
+    gamma, lam: GAE discount and lambda. whiten_advantages: whiten over the batch.
+    value_clip: clip range of the value loss (null: unclipped). vf_coef: value-loss weight.
+    critic_lr: the critic's learning rate (null: trainer.lr).
+    critic_init_from_reward: start the critic's adapter and value head from the reward model
+        (`reward.model_path`) instead of from scratch.
+    """
+
+    name: str = "ppo"
+    num_generations: int = 4
+    ppo_epochs: int = 2
+    kl_coef: float = 0.05
+    kl_kind: str = "k1"
+    kl_controller: str = "fixed"
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    value_clip: Optional[float] = 0.2
+    vf_coef: float = 1.0
+    critic_lr: Optional[float] = None
+    critic_init_from_reward: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _one_of("algo.kl_controller", self.kl_controller, ("fixed", "adaptive"))
+        _positive("algo.kl_target", self.kl_target)
+        _positive("algo.kl_horizon", self.kl_horizon)
+        for key in ("gamma", "lam"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"algo.{key}: must be in [0, 1], got {getattr(self, key)!r}")
+        _positive("algo.vf_coef", self.vf_coef)
+        if self.critic_lr is not None:
+            _positive("algo.critic_lr", self.critic_lr)
+
+
+ALGO_SCHEMAS["grpo"] = GRPOConfig
+ALGO_SCHEMAS["ppo"] = PPOConfig
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -325,6 +463,8 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("shared_data"):
         OmegaConf.register_new_resolver("shared_data", shared_data_dir)
+    if not OmegaConf.has_resolver("config_dir"):  # files shipped next to the YAML (story prompts)
+        OmegaConf.register_new_resolver("config_dir", lambda: str(CONFIG_DIR))
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, Any]:

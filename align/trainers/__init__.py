@@ -6,6 +6,8 @@ import importlib
 
 TRAINERS = {
     "sft": "align.trainers.sft",
+    "grpo": "align.trainers.grpo",
+    "ppo": "align.trainers.ppo",
 }
 
 

@@ -1,0 +1,80 @@
+"""GRPO: group-relative policy optimisation, with Dr. GRPO, RLOO and DAPO's options by config.
+
+    python -m align algo=grpo                    # stories260K + the story reward, on CPU
+
+Shao et al. 2024, DeepSeekMath (https://arxiv.org/abs/2402.03300), Sec. 4: sample G responses
+per prompt, score them, use each response's reward relative to its group as the advantage of
+all its tokens, and optimise the clipped surrogate with a k3 KL penalty to the reference inside
+the loss (Eq. 3). No critic. Options: the advantage estimator (`grpo`, `dr_grpo` of Liu et al.
+2025, `rloo`, `reinforce_pp`), clip-higher (`clip_eps_high`, DAPO Sec. 3.1), dropping groups
+whose rewards are all equal (`filter_zero_variance`, DAPO's dynamic sampling without
+re-sampling), rule rewards, a reward model, or both.
+
+Old log-probs: with one optimizer step per iteration (ppo_epochs 1, one minibatch) the update
+is exactly on-policy, the ratio is 1 and its gradient is that of log pi, so the trainer uses the
+live log-probs (detached) and skips recomputing them; otherwise they come from the same fused
+no-grad pass as the reference log-probs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.config import RunConfig
+from align.core import ADVANTAGE_ESTIMATORS
+from align.trainers.rl import RLRun
+from align.workers.worker import ActorLoss
+
+
+def filter_zero_variance_groups(batch, advantages_stats=None):
+    """Rows of the groups whose scores are not all equal (those carry no GRPO signal)."""
+    keep = []
+    for g in batch.group_ids.unique().tolist():
+        rows = (batch.group_ids == g).nonzero().squeeze(-1)
+        scores = batch.scores[rows]
+        if bool(scores.max() > scores.min()):
+            keep.extend(rows.tolist())
+    return batch.select(sorted(keep))
+
+
+def train(cfg: RunConfig, hydra_cfg=None) -> dict:
+    """Run GRPO as configured; returns the summary (also written to summary.json)."""
+    algo = cfg.algo
+    run = RLRun(cfg, hydra_cfg, roles=("actor",), headline=("reward/mean", "eval/reward", "time/step"))
+    estimator = ADVANTAGE_ESTIMATORS.get(algo.advantage_estimator)
+    loss = ActorLoss(clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
+                     agg=algo.loss_agg, kl_coef=algo.kl_coef, kl_kind=algo.kl_kind,
+                     micro_batch_size=cfg.trainer.batch_size)
+    with run.guard():
+        run.initial_eval()
+        for step in run.steps():
+            # 1. Sample a batch of prompts.
+            items = run.next_prompts()
+            # 2. Generate G responses per prompt (the actor replicas share the prompts).
+            with run.phase("generate"):
+                batch = run.generate(items, algo.num_generations, seed=cfg.seed * 100_003 + step)
+            # 3. Score them: rule rewards on the driver, and/or the reward model's score head.
+            with run.phase("reward"):
+                batch, metrics = run.rule_and_model_scores(batch, items)
+            # 4. Group-relative advantages, broadcast over each response's tokens.
+            advantages, adv_stats = estimator(batch.scores, batch.group_ids)
+            batch = batch.replace(advantages=advantages[:, None] * batch.response_mask)  # (B, R)
+            if algo.filter_zero_variance:
+                batch = filter_zero_variance_groups(batch)
+            # 5. Reference log-probs (and old log-probs when the update is off-policy): one fused pass.
+            roles = (("reference",) if algo.kl_coef > 0 else ()) + (("actor",) if run.recompute_old_logp(len(batch)) else ())
+            with run.phase("reference"):
+                if roles and len(batch):
+                    batch = run.placement.annotate(batch, roles)
+            # 6. Policy update: ppo_epochs x minibatches, sharded over the replicas.
+            with run.phase("update"):
+                stats = run.update_roles(step, batch, {"actor": loss}) if len(batch) else {}
+            # 7. Weight sync to the rollout engine.
+            with run.phase("sync"):
+                run.sync()
+            # 8. Metrics, evaluation and checkpoint.
+            metrics.update(stats)
+            metrics.update({f"adv/{k}": float(v) for k, v in adv_stats.items()})
+            metrics.update(run.batch_metrics(batch))
+            run.end_step(step, metrics, trainer_state={})
+        return run.summary()

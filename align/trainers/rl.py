@@ -1,0 +1,379 @@
+"""What the online RL drivers (grpo.py, ppo.py) share: prompts, rollouts, rewards, the update
+plan, evaluation, timing, checkpoints and the worker lifecycle.
+
+`RLRun` is the driver's side of the cluster. It owns no algorithm: each driver calls its
+methods in numbered steps and does its own math with `align.core`. The workers are Ray actors
+(align/workers); everything here runs in the driver process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from align.config import RunConfig
+from align.trainers.checkpoint import STATE, Checkpointer, rng_state, set_rng_state
+from align.trainers.common import EpochBatches, prepare_output_dir, seed_everything, set_threads
+from align.trainers.metrics import RunLogger
+from align.workers.batch import Experience
+from align.workers.group import WorkerDiedError, build_placement
+from align.workers.worker import WorkerSpec, combine_stats
+
+# Seconds per phase of a step, logged as time/<phase>. `reference` is the no-grad pass over the
+# batch: reference log-probs, plus (PPO) the critic's values and any recomputed old log-probs,
+# all in one fused forward on the shared model (one concurrent call per group when split);
+# `values` counts only a critic pass run on its own.
+PHASES = ("generate", "reward", "reference", "values", "update", "sync")
+RNG_FILE, TORCH_RNG_FILE = "rng.json", "torch_rng.pt"
+
+
+@dataclass
+class Prompts:
+    """Tokenized prompts: `train` and the held-out `val` items of `align.data.tokenize_prompts`."""
+
+    train: list[dict]
+    val: list[dict]
+
+
+def load_prompts(cfg: RunConfig, tokenizer) -> Prompts:
+    """Read `data.source`, split it deterministically (`data.val_size` held out), tokenize."""
+    from align.data import DataStats, build_split, tokenize_prompts
+
+    d = cfg.data
+    if d is None:
+        raise ValueError("GRPO/PPO need prompts: pass data=story_prompts or a data config of your own")
+    stats = DataStats()
+    train, val = build_split(d.source, d.format, val_fraction=d.val_fraction, val_size=d.val_size, seed=d.seed,
+                             columns=dict(d.columns), on_error=d.on_error, limit=d.limit, split=d.split, stats=stats)
+    kw = dict(max_prompt_length=d.max_prompt_length, overlong=d.overlong, stats=stats)
+    return Prompts(tokenize_prompts(train, tokenizer, **kw), tokenize_prompts(val, tokenizer, **kw))
+
+
+def init_ray(cluster) -> bool:
+    """Start (address `local`: an in-process cluster, no dashboard by default) or join Ray;
+    returns whether this call started it. An already initialised Ray (a test fixture) is reused."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cluster.address == "local":
+        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=cluster.include_dashboard,
+                 logging_level=logging.WARNING)
+    else:
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
+    return True
+
+
+class RLRun:
+    """One RL run's driver state.
+
+    roles: the trainable roles the algorithm needs (GRPO: actor; PPO: actor, critic).
+    """
+
+    def __init__(self, cfg: RunConfig, hydra_cfg, *, roles: Sequence[str], headline: Sequence[str]):
+        from align.models.loading import load_tokenizer
+
+        self.cfg, self.algo, self.tcfg = cfg, cfg.algo, cfg.trainer
+        self.out = prepare_output_dir(cfg.output_dir, cfg, hydra_cfg)
+        set_threads(self.tcfg.num_threads)
+        seed_everything(cfg.seed)
+        m = cfg.model
+        self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+        self.prompts = load_prompts(cfg, self.tokenizer)
+        self.order = EpochBatches(len(self.prompts.train), self.algo.rollout_batch_size, seed=cfg.seed)
+        self.reward_fn = None
+        if cfg.reward.name:
+            from rewards import get_reward
+
+            self.reward_fn = get_reward(cfg.reward.name, **dict(cfg.reward.options))
+        self.uses_reward_model = bool(cfg.reward.model_path)
+        if self.reward_fn is None and not self.uses_reward_model:
+            raise ValueError("reward: set reward.name (a rule reward), reward.model_path (a reward model), or both")
+
+        self.placement, self.log = None, None
+        self._started_ray = init_ray(cfg.cluster)
+        try:
+            self._start(cfg, roles, headline)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, cfg: RunConfig, roles: Sequence[str], headline: Sequence[str]) -> None:
+        m = cfg.model
+        # Workers: one group per role (split) or one for all (colocated), N replicas each.
+        spec = WorkerSpec(
+            model=m, trainer=self.tcfg, roles=tuple(roles), reward_model_path=cfg.reward.model_path,
+            critic_init_from_reward=getattr(self.algo, "critic_init_from_reward", False),
+            critic_lr=getattr(self.algo, "critic_lr", None), forward_batch_size=self.algo.forward_batch_size,
+            seed=cfg.seed,
+        )
+        self.placement = build_placement(spec, roles, cfg.cluster, run_id=f"{self.algo.name}-{os.getpid()}-{id(self):x}")
+        workers = [info for g in self.placement.unique_groups() for info in g.workers_info]
+        (self.out / "workers.json").write_text(json.dumps(workers, indent=1))
+
+        # Resume from the newest complete checkpoint, or start fresh.
+        self.ckpt = Checkpointer(self.out, keep=self.tcfg.keep_checkpoints)
+        self.start_step, self.state = 0, {}
+        resume = self.ckpt.latest() if self.tcfg.resume == "auto" else (None if self.tcfg.resume == "never" else Path(self.tcfg.resume))
+        if resume is not None:
+            self.state = self._load(resume)
+            self.start_step = int(self.state["step"])
+        self.log = RunLogger(self.out, total_steps=self.tcfg.max_steps, start_step=self.start_step,
+                             progress=self.tcfg.progress, desc=self.algo.name, headline=tuple(headline))
+        if resume is not None:
+            self.log.write(f"resumed from {resume} at step {self.start_step}")
+        self.times: dict[str, float] = {}
+        self.phase_totals: dict[str, list[float]] = defaultdict(list)
+        self.eval_before = self.state.get("eval_before")
+        self.eval_after = self.state.get("eval_after")
+
+    def initial_eval(self) -> float:
+        """Held-out reward of the initial policy, logged at step 0 (read back on resume)."""
+        if self.eval_before is None:
+            t0 = time.perf_counter()
+            self.eval_before = self.eval_after = self.evaluate()
+            self.log.log(0, {"eval/reward": self.eval_before, "time/eval": time.perf_counter() - t0})
+        return self.eval_before
+
+    # ---- the loop's frame -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Turn a dead worker into an error that names it and the checkpoint left intact; always
+        stop the workers."""
+        try:
+            yield
+        except WorkerDiedError as err:
+            last = self.ckpt.latest()
+            where = (f"the last checkpoint, {last}, is intact: rerun with the same output_dir to resume"
+                     if last is not None else "no checkpoint was written yet")
+            raise WorkerDiedError(f"{self.algo.name}: {err}; {where}") from err
+        finally:
+            self.close()
+
+    def steps(self) -> range:
+        return range(self.start_step + 1, self.tcfg.max_steps + 1)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time one phase of the step (logged as time/<name>)."""
+        t0 = time.perf_counter()
+        yield
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    # ---- 1-3: prompts, rollouts, rewards ---------------------------------------------------------
+    def next_prompts(self) -> list[dict]:
+        return [self.prompts.train[i] for i in self.order.next()]
+
+    def generate(self, items: Sequence[dict], n: int, seed: int, temperature: float | None = None) -> Experience:
+        """`n` samples per prompt; the prompts are split across the actor replicas. Row i*n + j
+        is sample j of prompt i, and its group id is i."""
+        from rollout.base import SamplingParams
+
+        r = self.cfg.rollout
+        params = dict(n=n, temperature=r.temperature if temperature is None else temperature, top_p=r.top_p,
+                      top_k=r.top_k, max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
+        group = self.placement.actor
+        bounds = _bounds(len(items), group.size)
+        per_rank = [
+            ([items[i]["prompt_ids"] for i in range(a, b)], list(range(a, b)),
+             SamplingParams(**params, seed=(seed * 1_000_003 + rank) % 2**31))
+            for rank, (a, b) in enumerate(bounds)
+        ]
+        return Experience.concat(group.map("generate", per_rank))
+
+    def rule_and_model_scores(self, batch: Experience, items: Sequence[dict]) -> tuple[Experience, dict[str, float]]:
+        """Sequence scores: the rule reward on the driver plus the reward model's weighted score."""
+        from rewards import score_with_components
+
+        scores = torch.zeros(len(batch))
+        metrics: dict[str, float] = {}
+        if self.reward_fn is not None:
+            rows = [items[g] for g in batch.group_ids.tolist()]
+            metadata = {"ground_truth": [x.get("ground_truth") for x in rows]}
+            rule, parts = score_with_components(self.reward_fn, [x["prompt"] for x in rows], batch.response_text,
+                                                **metadata)
+            scores += torch.tensor(rule, dtype=torch.float32)
+            metrics.update({f"reward/{k}": sum(v) / len(v) for k, v in parts.items() if v})
+        if self.uses_reward_model:
+            batch = self.placement.annotate(batch, ("reward",))
+            scores += self.cfg.reward.model_weight * batch.rm_scores
+            metrics["reward/model"] = float(batch.rm_scores.mean())
+        metrics.update({"reward/mean": float(scores.mean()), "reward/std": float(scores.std(correction=0))})
+        return batch.replace(scores=scores), metrics
+
+    # ---- 6: updates -------------------------------------------------------------------------------
+    def update_roles(self, step: int, batch: Experience, losses: dict[str, Any]) -> dict[str, float]:
+        """`ppo_epochs` x minibatches optimizer steps of each role in `losses` (actor, critic) on
+        `batch`, sharded over the role's replicas; the roles' calls run concurrently.
+
+        The minibatches are drawn on the driver (a fixed permutation per epoch and step), so one
+        replica and N replicas take identical optimizer steps; each minibatch's loss normaliser
+        is computed here over the whole minibatch and passed to every replica.
+        """
+        from align.core import loss_normaliser
+
+        generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+        num = self.num_minibatches(len(batch))
+        minibatches = [mb for _ in range(self.algo.ppo_epochs)
+                       for mb in batch.minibatches(num, generator if num > 1 else None)]
+        normalisers = [float(loss_normaliser(mb.response_mask, self.algo.loss_agg,
+                                             max_len=self.cfg.rollout.max_new_tokens).clamp_min(1)) for mb in minibatches]
+        pending = []
+        for role, loss in losses.items():
+            group = self.placement.group(role)
+            shards = [mb.chunk(group.size) for mb in minibatches]
+            per_rank = [([s[rank] for s in shards], normalisers, loss) for rank in range(group.size)]
+            pending.append((role, group, group.map_async(f"update_{role}", per_rank)))
+        metrics = {}
+        for role, group, refs in pending:
+            metrics.update(combine_stats(group.get(refs, f"update_{role}"), prefix=role))
+        return metrics
+
+    def num_minibatches(self, rows: int) -> int:
+        size = self.algo.minibatch_size
+        return 1 if size is None else max(1, -(-rows // size))
+
+    def recompute_old_logp(self, rows: int) -> bool:
+        """Old log-probs are needed only when the policy moves before its last use: more than one
+        optimizer step per iteration. With one step the update is on-policy and the ratio is 1,
+        so the live log-probs (detached) serve, and the recomputation pass is skipped."""
+        return self.algo.ppo_epochs > 1 or self.num_minibatches(rows) > 1
+
+    # ---- 7: weight sync ---------------------------------------------------------------------------
+    def sync(self) -> int:
+        """Refresh the rollout engines from the actor (free with the HF engine over the shared
+        model; timed anyway). Returns the bytes a remote engine would have received."""
+        return self.placement.actor.call("sync_rollout")[0]
+
+    # ---- 8: evaluation, metrics, checkpoints -----------------------------------------------------
+    def evaluate(self) -> float:
+        """Mean reward on the held-out prompts: `eval_samples` each, fixed seed (so step 0 and
+        later evaluations see the same sampling noise), rule + model reward."""
+        items = self.prompts.val[: self.algo.eval_prompts]
+        if not items:
+            return float("nan")
+        batch = self.generate(items, self.algo.eval_samples, seed=self.cfg.seed + 99_991,
+                              temperature=self.algo.eval_temperature)
+        _, metrics = self.rule_and_model_scores(batch, items)
+        return metrics["reward/mean"]
+
+    def end_step(self, step: int, metrics: dict[str, Any], trainer_state: dict) -> dict[str, Any]:
+        """Add the phase times, evaluate and checkpoint when due, and log the step."""
+        times = {f"time/{k}": self.times.get(k, 0.0) for k in PHASES}
+        times["time/step"] = sum(times.values())
+        for k, v in times.items():
+            self.phase_totals[k].append(v)
+        self.times = {}
+        metrics = {**metrics, **times}
+        if step % self.tcfg.eval_every == 0 or step == self.tcfg.max_steps:
+            t0 = time.perf_counter()
+            metrics["eval/reward"] = self.eval_after = self.evaluate()
+            metrics["time/eval"] = time.perf_counter() - t0
+        self.log.log(step, metrics, advance=1)
+        if step % self.tcfg.save_every == 0 or step == self.tcfg.max_steps:
+            self.save(step, trainer_state)
+        return metrics
+
+    @staticmethod
+    def batch_metrics(batch: Experience) -> dict[str, float]:
+        """Response lengths, how often generation stopped on its own, and (when old log-probs
+        were recomputed) how far the engine's log-probs are from the trainer's."""
+        if not len(batch):
+            return {"samples": 0.0}
+        mask = batch.response_mask
+        out = {
+            "samples": float(len(batch)),
+            "response_length": float(batch.response_lengths.float().mean()),
+            "stop_frac": sum(r == "stop" for r in batch.finish_reason) / len(batch),
+        }
+        if batch.old_logp is not None and batch.rollout_logp is not None:
+            diff = (batch.old_logp - batch.rollout_logp).abs()
+            out["rollout_logp_mismatch"] = float((diff * mask).sum() / mask.sum().clamp_min(1))
+        return out
+
+    def save(self, step: int, trainer_state: dict) -> Path:
+        """An atomic checkpoint: workers write their state into a temporary folder, the driver
+        adds its RNG, data position and `trainer_state`, then the folder is renamed into place.
+        A crash (or a dead worker) before the rename leaves the previous checkpoint as `latest`."""
+        root = self.ckpt.root
+        root.mkdir(parents=True, exist_ok=True)
+        final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for g in self.placement.unique_groups():
+            g.call("save", str(tmp / "workers" / g.name))
+        plain, tensors = rng_state()
+        (tmp / RNG_FILE).write_text(json.dumps(plain))
+        torch.save(tensors, tmp / TORCH_RNG_FILE)
+        state = {"step": step, "data": self.order.state_dict(), "eval_before": self.eval_before,
+                 "eval_after": self.eval_after, **trainer_state}
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")
+        self.ckpt._prune()
+        return final
+
+    def _load(self, path: Path) -> dict:
+        for g in self.placement.unique_groups():
+            g.call("load", str(path / "workers" / g.name))
+        set_rng_state(json.loads((path / RNG_FILE).read_text()), torch.load(path / TORCH_RNG_FILE, weights_only=True))
+        state = json.loads((path / STATE).read_text())
+        self.order.load_state_dict(state["data"])
+        return state
+
+    def summary(self, **extra) -> dict:
+        """Mean seconds per phase over the steps this process ran, plus `extra`; also written to
+        summary.json."""
+        out = {"algo": self.algo.name, "steps": self.tcfg.max_steps, "output_dir": str(self.out),
+               "replicas": self.cfg.cluster.num_replicas, "placement": self.cfg.cluster.placement,
+               "eval_reward_before": self.eval_before, "eval_reward_after": self.eval_after,
+               "seconds_per_step": {k.split("/", 1)[1]: sum(v) / len(v) for k, v in self.phase_totals.items() if v},
+               **extra}
+        (self.out / "summary.json").write_text(json.dumps(out, indent=1))
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+            self.log = None
+        if self.placement is not None:
+            self.placement.kill()
+            self.placement = None
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+
+def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())

@@ -1,0 +1,195 @@
+"""`WorkerGroup`: N data-parallel replicas of a `ModelWorker` as Ray actors, and `Placement`:
+which group serves which role.
+
+    group = WorkerGroup("model", spec, num_replicas=2, num_cpus=1)
+    shards = group.map("generate", per_rank_args)        # one call per replica, in parallel
+    out = group.call("save", path)                       # the same call on every replica
+
+A replica that dies (killed, out of memory, a crash) surfaces as `WorkerDiedError` naming the
+worker, its pid and host and the verb it was running, never as a hang or a bare Ray trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from align.workers.batch import Experience
+from align.workers.worker import ModelWorker, WorkerSpec
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process died or a verb raised inside it; the message names the worker."""
+
+
+class WorkerGroup:
+    """`num_replicas` Ray actors hosting the same model, joined by torch.distributed when N > 1.
+
+    Each actor reserves `num_cpus` CPUs and `num_gpus` GPUs and is named `<run>/<name>-<rank>`
+    (visible in `ray list actors`).
+    """
+
+    def __init__(self, name: str, spec: WorkerSpec, *, num_replicas: int = 1, num_cpus: float = 1.0,
+                 num_gpus: float = 0.0, run_id: str = "align", start_timeout_s: float = 300.0):
+        import ray
+
+        self.name = name
+        self.size = num_replicas
+        threads = max(1, int(num_cpus))
+        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0)(ModelWorker)
+        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        self.actors = [
+            actor_cls.options(name=f"{run_id}/{name}-{rank}", runtime_env={"env_vars": env}).remote(
+                _with_threads(spec, threads), name=f"{name}-{rank}", rank=rank, world_size=num_replicas
+            )
+            for rank in range(num_replicas)
+        ]
+        self.workers_info = [{"name": f"{name}-{rank}", "rank": rank} for rank in range(num_replicas)]
+        self.workers_info = self._get([a.info.remote() for a in self.actors], "start", timeout=start_timeout_s)
+        if num_replicas > 1:
+            addr, port = self._get([self.actors[0].rendezvous_address.remote()], "rendezvous")[0]
+            self._get([a.init_distributed.remote(addr, port) for a in self.actors], "init_distributed")
+
+    # ---- calling ---------------------------------------------------------------------------------
+    def call(self, method: str, *args, **kwargs) -> list[Any]:
+        """The same call on every replica; returns their results in rank order."""
+        return self._get(self.call_async(method, *args, **kwargs), method)
+
+    def call_async(self, method: str, *args, **kwargs) -> list:
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def map_async(self, method: str, per_rank: Sequence[tuple], **kwargs) -> list:
+        """Replica i gets `per_rank[i]` as its positional arguments."""
+        return [getattr(a, method).remote(*args, **kwargs) for a, args in zip(self.actors, per_rank)]
+
+    def map(self, method: str, per_rank: Sequence[tuple], **kwargs) -> list[Any]:
+        return self._get(self.map_async(method, per_rank, **kwargs), method)
+
+    def shard(self, batch: Experience) -> list[Experience]:
+        """Consecutive shards of `batch`, one per replica."""
+        return batch.chunk(self.size)
+
+    def get(self, refs: list, method: str) -> list[Any]:
+        return self._get(refs, method)
+
+    def _get(self, refs: list, method: str, timeout: float | None = None) -> list[Any]:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        try:
+            return ray.get(refs, timeout=timeout)
+        except RayActorError as err:
+            raise WorkerDiedError(f"{self._who(err, refs)} died while running {method!r}: {_first_line(err)}") from err
+        except RayTaskError as err:
+            raise WorkerDiedError(f"{self._who(err, refs)} failed in {method!r}: {_first_line(err)}") from err
+        except GetTimeoutError as err:
+            raise WorkerDiedError(f"worker group {self.name!r} did not answer {method!r} within {timeout} s "
+                                  "(not enough free CPUs/GPUs for its actors?)") from err
+
+    def _who(self, err, refs) -> str:
+        """Name the replica that failed: the first one whose result is an error."""
+        import ray
+
+        for info, ref in zip(self.workers_info, refs):
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                try:
+                    ray.get(ref)
+                except Exception:
+                    pid = f", pid {info['pid']}" if "pid" in info else ""
+                    host = f", host {info['host']}" if "host" in info else ""
+                    return f"worker {info['name']} (group {self.name!r}{pid}{host})"
+        return f"a worker of group {self.name!r}"
+
+    def kill(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already dead
+                pass
+
+
+def _with_threads(spec: WorkerSpec, threads: int) -> WorkerSpec:
+    from dataclasses import replace
+
+    return replace(spec, num_threads=threads)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1][:300] if text else type(err).__name__
+
+
+@dataclass
+class Placement:
+    """Which worker group serves each role.
+
+    colocated: one group hosts actor, reference, critic and reward on one shared model, so the
+    driver's fused passes (`annotate`) run every role in one forward. split: an actor group
+    (actor + reference + rollout), a critic group, a reward group, each with its own workers
+    (and GPUs); their passes run concurrently.
+    """
+
+    groups: dict[str, WorkerGroup]  # role -> group (the same object for every role when colocated)
+
+    @property
+    def actor(self) -> WorkerGroup:
+        return self.groups["actor"]
+
+    def group(self, role: str) -> WorkerGroup:
+        return self.groups["actor" if role == "reference" else role]
+
+    def unique_groups(self) -> list[WorkerGroup]:
+        seen = []
+        for g in self.groups.values():
+            if all(g is not s for s in seen):
+                seen.append(g)
+        return seen
+
+    def annotate(self, batch: Experience, roles: Sequence[str]) -> Experience:
+        """Fill `ROLE_FIELDS[role]` for each role: every group runs its roles on its shards of
+        the batch, all groups at once; returns the batch with those fields set."""
+        by_group: list[tuple[WorkerGroup, list[str]]] = []
+        for role in roles:
+            g = self.group(role)
+            for entry in by_group:
+                if entry[0] is g:
+                    entry[1].append(role)
+                    break
+            else:
+                by_group.append((g, [role]))
+        pending = []
+        for g, group_roles in by_group:
+            shards = g.shard(batch)
+            pending.append((g, g.map_async("annotate", [(s, tuple(group_roles)) for s in shards])))
+        fields = {}
+        for g, refs in pending:
+            import torch
+
+            results = g.get(refs, "annotate")
+            for key in results[0]:
+                fields[key] = torch.cat([r[key] for r in results])
+        return batch.replace(**fields)
+
+    def kill(self) -> None:
+        for g in self.unique_groups():
+            g.kill()
+
+
+def build_placement(spec: WorkerSpec, roles: Sequence[str], cluster, run_id: str) -> Placement:
+    """Worker groups for `roles` under `cluster.placement` (colocated or split)."""
+    from dataclasses import replace
+
+    kw = dict(num_replicas=cluster.num_replicas, num_cpus=cluster.num_cpus_per_worker,
+              num_gpus=cluster.num_gpus_per_worker, run_id=run_id, start_timeout_s=cluster.worker_start_timeout_s)
+    if cluster.placement == "colocated":
+        group = WorkerGroup("model", replace(spec, roles=tuple(roles)), **kw)
+        return Placement({role: group for role in (*roles, "reward")})
+    groups = {role: WorkerGroup(role, replace(spec, roles=(role,), critic_init_from_reward=(
+        spec.critic_init_from_reward and role == "critic"), reward_model_path=(
+        spec.reward_model_path if role in ("reward", "critic") else None)), **kw) for role in roles}
+    if spec.reward_model_path and "reward" not in groups:
+        groups["reward"] = WorkerGroup("reward", replace(spec, roles=("reward",)), **kw)
+    return Placement(groups)

@@ -1,0 +1,24 @@
+"""A local Ray cluster for tests and scripts: `with local_ray(num_cpus=2) as address: ...`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 2) -> Iterator[str]:
+    """Start an in-process Ray cluster without the dashboard (or reuse the one already running in
+    this process) and yield its GCS address, which a subprocess driver can join with
+    `cluster.address=<address>`. Shuts down only a cluster it started."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,382 @@
+"""`ModelWorker`: the process that hosts the model and serves the driver's coarse verbs.
+
+One worker holds one copy of the model (the shared multi-head model with LoRA, or separate
+models with full fine-tuning) and, when it hosts the actor, a Hugging Face rollout engine that
+generates with the actor role's own parameters (no weight copy, so the weight sync is free).
+Verbs take and return `Experience` shards and plain dicts:
+
+    generate(prompts, group_ids, params) -> Experience     rollouts (actor role)
+    annotate(batch, roles) -> {field: tensor}               one no-grad pass, several roles
+    update_actor(minibatches, normalisers, loss) -> stats   clipped policy loss (+ KL in loss)
+    update_critic(minibatches, normalisers, loss) -> stats  clipped value loss
+    save(dir) / load(dir)                                   adapters, heads, optimizer states
+
+With N data-parallel replicas, each worker runs its shard of every minibatch and the gradients
+are summed over the replicas (gloo on CPU) before the optimizer step. The driver passes each
+minibatch's *global* loss normaliser, so the per-replica losses add up to the whole-minibatch
+loss and the summed gradient equals one replica's gradient on the whole minibatch.
+
+The class is plain Python: the driver wraps it with `ray.remote` (align/workers/group.py), and
+tests may also build it in-process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from align.config import ModelConfig, TrainerConfig
+from align.workers.batch import Experience, _pad_to, from_rollout
+
+# annotate(): which Experience field each role fills.
+ROLE_FIELDS = {"reference": "ref_logp", "actor": "old_logp", "critic": "values", "reward": "rm_scores"}
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker builds.
+
+    roles: the trainable roles it hosts (actor, critic, reward); a worker with the actor also
+        serves the reference (adapters off with LoRA; a frozen copy with full fine-tuning) and
+        the rollout engine. reward_model_path: a `save_role("reward")` folder loaded into the
+        reward role (frozen). critic_init_from_reward: copy the reward adapter and score head
+        into the critic's adapter and value head at start.
+    """
+
+    model: ModelConfig
+    trainer: TrainerConfig
+    roles: tuple[str, ...] = ("actor",)
+    reward_model_path: Optional[str] = None
+    critic_init_from_reward: bool = False
+    critic_lr: Optional[float] = None
+    forward_batch_size: int = 64
+    seed: int = 0
+    num_threads: int = 1
+
+
+@dataclass(frozen=True)
+class ActorLoss:
+    """Options of the policy loss (align.core.ppo_policy_loss, grpo_kl_loss)."""
+
+    clip_eps_low: float = 0.2
+    clip_eps_high: Optional[float] = None
+    dual_clip: Optional[float] = None
+    agg: str = "token-mean"
+    kl_coef: float = 0.0  # > 0: k-estimator KL to the reference inside the loss (GRPO)
+    kl_kind: str = "k3"
+    micro_batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class CriticLoss:
+    """Options of the value loss (align.core.ppo_value_loss)."""
+
+    value_clip: Optional[float] = 0.2
+    agg: str = "token-mean"
+    vf_coef: float = 1.0
+    micro_batch_size: int = 8
+
+
+class ModelWorker:
+    """Hosts one model replica; see the module docstring for the verbs."""
+
+    def __init__(self, spec: WorkerSpec, name: str = "worker", rank: int = 0, world_size: int = 1):
+        from align.trainers.common import build_optimizer, build_scheduler, seed_everything
+
+        self.spec, self.name, self.rank, self.world_size = spec, name, rank, world_size
+        torch.set_num_threads(max(1, spec.num_threads))
+        seed_everything(spec.seed)
+        self.model, self.tokenizer = build_role_model(spec)
+        self.engine = None
+        if "actor" in self.model.roles:
+            from rollout.hf import HFEngine
+
+            self.engine = HFEngine(self.model, self.tokenizer, max_batch_size=spec.forward_batch_size,
+                                   eos_token_id=self.tokenizer.eos_token_id, role=lambda: self.model.using("actor"))
+        self.optimizers, self.schedulers = {}, {}
+        for role in ("actor", "critic"):
+            if role in self.model.roles:
+                tcfg = spec.trainer
+                if role == "critic" and spec.critic_lr is not None:
+                    from dataclasses import replace
+
+                    tcfg = replace(tcfg, lr=spec.critic_lr)
+                self.optimizers[role] = build_optimizer(self.model.trainable_parameters(role), tcfg)
+                self.schedulers[role] = build_scheduler(self.optimizers[role], tcfg)
+        self.model.train()
+
+    # ---- plumbing --------------------------------------------------------------------------------
+    def info(self) -> dict:
+        import socket
+
+        return {"name": self.name, "rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
+                "roles": list(self.model.roles)}
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a free port, for rank 0 to host the process group."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init_distributed(self, master_addr: str, master_port: int) -> None:
+        """Join the replicas' process group (gloo on CPU, NCCL on GPU)."""
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() and self.spec.model.device != "cpu" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=self.rank, world_size=self.world_size)
+
+    # ---- rollout and inference -------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], group_ids: Sequence[int], params) -> Experience:
+        """`params.n` samples of each prompt with the actor role (rollout.hf.HFEngine)."""
+        if not prompts:
+            return _empty_experience()
+        return from_rollout(prompts, group_ids, self.engine.generate(prompts, params))
+
+    @torch.no_grad()
+    def annotate(self, batch: Experience, roles: Sequence[str]) -> dict[str, Tensor]:
+        """One no-grad pass per chunk for all `roles` (the multi-head model runs them as one
+        mixed-adapter batch): {"ref_logp", "old_logp", "values": (B, R), "rm_scores": (B,)}."""
+        out: dict[str, list[Tensor]] = {ROLE_FIELDS[r]: [] for r in roles}
+        R = batch.response_ids.shape[1]
+        for part in batch.split(self.spec.forward_batch_size) if len(batch) else []:
+            part = part.trim()
+            res = self.model.multi_role_forward(part.input_ids, part.attention_mask, roles=tuple(roles))
+            for role, value in res.items():
+                if role != "reward":
+                    value = _pad_to(value[:, part.response_slice].float(), R, left=False)
+                out[ROLE_FIELDS[role]].append(value.float())
+        return {k: torch.cat(v) if v else torch.zeros(0, R) for k, v in out.items()}
+
+    # ---- updates --------------------------------------------------------------------------------
+    def update_actor(self, minibatches: Sequence[Experience], normalisers: Sequence[float], loss: ActorLoss) -> dict:
+        """One optimizer step per minibatch (this replica's shard of it), in micro-batches."""
+        from align.core import grpo_kl_loss, ppo_policy_loss
+
+        def micro_loss(mb: Experience, normaliser: float):
+            logp = self.model.log_probs(mb.input_ids, mb.attention_mask, role="actor")[:, mb.response_slice]
+            # No recomputed old log-probs: the update is on-policy (one step per iteration), ratio = 1.
+            old = mb.old_logp if mb.old_logp is not None else logp.detach()
+            total, stats = ppo_policy_loss(logp, old, mb.advantages, mb.response_mask, loss.clip_eps_low,
+                                           loss.clip_eps_high, loss.dual_clip, loss.agg, normaliser)
+            stats = {"pg_loss": total.detach(), **stats}
+            if loss.kl_coef > 0:
+                kl_loss, kl_stats = grpo_kl_loss(logp, mb.ref_logp, mb.response_mask, loss.kl_kind,
+                                                 agg=loss.agg, normaliser=normaliser)
+                total = total + loss.kl_coef * kl_loss
+                stats["kl_loss"] = kl_loss.detach()
+            return total, stats
+
+        return self._update("actor", minibatches, normalisers, loss.micro_batch_size, micro_loss)
+
+    def update_critic(self, minibatches: Sequence[Experience], normalisers: Sequence[float], loss: CriticLoss) -> dict:
+        """Clipped value regression on the returns, one optimizer step per minibatch."""
+        from align.core import ppo_value_loss
+
+        def micro_loss(mb: Experience, normaliser: float):
+            values = self.model.values(mb.input_ids, mb.attention_mask)[:, mb.response_slice]
+            vf_loss, stats = ppo_value_loss(values, mb.values, mb.returns, mb.response_mask, loss.value_clip,
+                                            loss.agg, normaliser)
+            return loss.vf_coef * vf_loss, {"vf_loss": vf_loss.detach(), **stats}
+
+        return self._update("critic", minibatches, normalisers, loss.micro_batch_size, micro_loss)
+
+    def _update(self, role, minibatches, normalisers, micro_batch_size, micro_loss) -> dict:
+        params = self.model.trainable_parameters(role)
+        optimizer, scheduler = self.optimizers[role], self.schedulers[role]
+        stats = _StatSums()
+        self.model.train()
+        for mb, normaliser in zip(minibatches, normalisers):
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for micro in mb.split(micro_batch_size) if len(mb) else []:
+                micro = micro.trim()
+                loss, micro_stats = micro_loss(micro, normaliser)
+                loss.backward()
+                loss_sum += float(loss.detach())
+                stats.add(micro_stats, weight=micro.num_response_tokens)
+            self._all_reduce_grads(params)
+            max_norm = self.spec.trainer.max_grad_norm or float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            optimizer.step()
+            stats.add_step({"loss": loss_sum, "grad_norm": float(grad_norm)})
+        scheduler.step()  # one schedule step per iteration: trainer.max_steps spans the run
+        optimizer.zero_grad(set_to_none=True)
+        return {**stats.state(), "lr": scheduler.get_last_lr()[0]}
+
+    def _all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients over the replicas: each replica's loss is its share of the global
+        minibatch loss, so the sum is the whole minibatch's gradient. One flat buffer, one call."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    # ---- state ---------------------------------------------------------------------------------
+    def trainable_state(self, role: str) -> list[Tensor]:
+        """Copies of `role`'s trainable tensors, in `trainable_parameters` order (for tests)."""
+        return [p.detach().clone() for p in self.model.trainable_parameters(role)]
+
+    def sync_rollout(self) -> int:
+        """Bring the rollout engine up to date with the actor; returns the bytes a remote engine
+        would receive. The HF engine generates with the actor's own parameters (a no-op copy)."""
+        if self.engine is None:
+            return 0
+        if self.model.is_lora:
+            sd = self.model.sync_state_dict("actor")
+            self.engine.update_weights(lora=sd)
+        else:
+            sd = self.model.sync_state_dict("actor")
+            self.engine.update_weights(state_dict=sd)
+        return sum(t.numel() * t.element_size() for t in sd.values())
+
+    def save(self, path: str) -> None:
+        """Rank 0 writes every role (adapter / weights and head) and the optimizer and schedule
+        states under `path`; the replicas are identical, so the others write nothing."""
+        if self.rank != 0:
+            return
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save(str(out))
+        torch.save({"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                    "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}, out / OPTIMIZER_FILE)
+
+    def load(self, path: str) -> None:
+        """Restore what `save` wrote (every replica loads the same files)."""
+        self.model.load(path)
+        state = torch.load(Path(path) / OPTIMIZER_FILE, weights_only=True)
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def build_role_model(spec: WorkerSpec):
+    """The worker's model and tokenizer: a `MultiHeadModel` (model.finetune=lora: one base, an
+    adapter per role from `model.lora`) or `SeparateModels` (full: a copy per role, the base as
+    the frozen reference)."""
+    from align.models.loading import ensure_pad_token, load_causal_lm, load_tokenizer
+
+    mcfg = spec.model
+    tokenizer = load_tokenizer(mcfg.tokenizer or mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code)
+    extra = {"quantization": mcfg.quantization} if mcfg.quantization else {}
+    base = load_causal_lm(mcfg.name_or_path, dtype=mcfg.dtype, device=mcfg.device,
+                          trust_remote_code=mcfg.trust_remote_code, **extra)
+    ensure_pad_token(tokenizer, base)
+    roles = tuple(spec.roles)
+    if spec.reward_model_path and "reward" not in roles:
+        roles += ("reward",)
+    if mcfg.finetune == "lora":
+        from align.models.multihead import MultiHeadModel, RoleConfig
+
+        lora = mcfg.lora
+        target = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+        role_cfg = RoleConfig(r=lora.r, alpha=float(lora.alpha), dropout=lora.dropout, target_modules=target)
+        model = MultiHeadModel(base, {r: role_cfg for r in roles}, pad_token_id=tokenizer.pad_token_id)
+    else:
+        from align.models.separate import SeparateModels
+
+        model = SeparateModels.from_base(base, roles, pad_token_id=tokenizer.pad_token_id)
+    if spec.reward_model_path:
+        model.load_role("reward", spec.reward_model_path)
+        for p in model.trainable_parameters("reward"):
+            p.requires_grad_(False)
+    if spec.critic_init_from_reward:
+        init_critic_from_reward(model, spec.reward_model_path)
+    return model, tokenizer
+
+
+def init_critic_from_reward(model, reward_path: Optional[str]) -> None:
+    """Critic adapter := reward adapter, value head := score head (bias 0): the critic starts
+    out predicting the reward model's score of every prefix."""
+    if not reward_path:
+        raise ValueError("critic_init_from_reward needs reward.model_path (a saved reward role)")
+    if not getattr(model, "is_lora", False) or not hasattr(model, "peft"):
+        raise ValueError("critic_init_from_reward needs model.finetune=lora (the shared multi-head model)")
+    from align.models.multihead import load_lora_adapter
+
+    load_lora_adapter(model.peft, "critic", reward_path)
+    with torch.no_grad():
+        model.value_head.weight.copy_(model.score_head.weight)
+        model.value_head.bias.zero_()
+
+
+class _StatSums:
+    """Token-weighted means of per-micro-batch statistics (maxima for `*_max`), plus per-step
+    values, kept as sums so the driver can combine replicas exactly."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+        self.step_sums: dict[str, float] = {}
+        self.steps = 0
+        self.maxima: dict[str, float] = {}
+
+    def add(self, stats: dict, weight: float) -> None:
+        for k, v in stats.items():
+            v = float(v)
+            if k.endswith("_max"):
+                self.maxima[k] = max(self.maxima.get(k, v), v)
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + v * weight
+        self.weight += weight
+
+    def add_step(self, stats: dict) -> None:
+        for k, v in stats.items():
+            self.step_sums[k] = self.step_sums.get(k, 0.0) + float(v)
+        self.steps += 1
+
+    def state(self) -> dict:
+        return {"sums": self.sums, "weight": self.weight, "step_sums": self.step_sums, "steps": self.steps,
+                "maxima": self.maxima}
+
+
+def combine_stats(states: Sequence[dict], prefix: str) -> dict[str, float]:
+    """Merge the replicas' `_StatSums` states into one metrics dict.
+
+    Token-weighted statistics average over all replicas' tokens. Per-step `loss` values are each
+    replica's share of the minibatch loss, so they add over replicas; `grad_norm` is the same on
+    every replica (the gradients were summed), so it is read from one.
+    """
+    weight = sum(s["weight"] for s in states) or 1.0
+    keys = {k for s in states for k in s["sums"]}
+    out = {f"{prefix}/{k}": sum(s["sums"].get(k, 0.0) for s in states) / weight for k in sorted(keys)}
+    for k in sorted({k for s in states for k in s["maxima"]}):
+        out[f"{prefix}/{k}"] = max(s["maxima"][k] for s in states if k in s["maxima"])
+    steps = max(states[0]["steps"], 1)
+    out[f"{prefix}/loss"] = sum(s["step_sums"].get("loss", 0.0) for s in states) / steps
+    out[f"{prefix}/grad_norm"] = states[0]["step_sums"].get("grad_norm", 0.0) / steps
+    if "lr" in states[0]:
+        out[f"{prefix}/lr"] = states[0]["lr"]
+    return out
+
+
+def _empty_experience() -> Experience:
+    z = torch.zeros(0, 1, dtype=torch.long)
+    return Experience(prompt_ids=z, prompt_mask=z, response_ids=z, response_mask=z.bool(),
+                      group_ids=torch.zeros(0, dtype=torch.long), rollout_logp=torch.zeros(0, 1))
