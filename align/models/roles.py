@@ -163,8 +163,9 @@ class RoleModel(nn.Module):
     def _adapter_name(self, role: str) -> str | None:
         raise NotImplementedError
 
-    def _mixed_hidden(self, roles, input_ids, attention_mask) -> dict[str, torch.Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} has no mixed-role pass; use mode='separate'")
+    def _fused_hidden(self, mode: str, roles, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+        """role -> (B, T, H) last hidden states of one forward serving several roles."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused multi-role pass; use mode='separate'")
 
     # ---- shared pieces -------------------------------------------------------------------
     @property
@@ -242,10 +243,11 @@ class RoleModel(nn.Module):
         """Inference-only outputs of several roles on the same batch.
 
         Returns {"reference"/"actor": (B, T-1) log-probs, "critic": (B, T) values, "reward": (B,)
-        scores} for the roles asked. `mode="mixed"` runs one forward over the batch repeated once
-        per role, each copy under its own adapter (peft's mixed-adapter batches); `"separate"`
-        runs one forward per role. The default is whichever measured faster
-        (scripts/bench_multirole.py).
+        scores} for the roles asked. Modes (`multi_role_modes` lists a class's; its first is the
+        default, the faster in scripts/bench_multirole.py):
+        - "separate": one forward per role;
+        - "mixed": one forward over the batch repeated once per role, each copy under its own
+          adapter (peft's mixed-adapter batches).
         """
         mode = mode or self.multi_role_modes[0]
         check_role(mode, self.multi_role_modes, what="multi-role mode")
@@ -256,12 +258,12 @@ class RoleModel(nn.Module):
         try:
             if mode == "separate":
                 return {role: self._single_role(role, input_ids, attention_mask, temperature) for role in roles}
-            return self._mixed_outputs(list(roles), input_ids, attention_mask, temperature)
+            return self._fused_outputs(mode, list(roles), input_ids, attention_mask, temperature)
         finally:
             self.train(was_training)
 
-    def _mixed_outputs(self, roles, input_ids, attention_mask, temperature) -> dict[str, torch.Tensor]:
-        hiddens = self._mixed_hidden(roles, input_ids, attention_mask)
+    def _fused_outputs(self, mode, roles, input_ids, attention_mask, temperature) -> dict[str, torch.Tensor]:
+        hiddens = self._fused_hidden(mode, roles, input_ids, attention_mask)
         out = {}
         for role, hidden in hiddens.items():
             if role == "critic":

@@ -146,21 +146,28 @@ def test_trainable_parameters_are_disjoint_and_exclude_the_base(model):
         model.trainable_parameters("reference")
 
 
-def test_mixed_adapter_pass_equals_separate_passes(model, batch):
+def test_fused_passes_equal_separate_passes(model, batch):
+    """peft's mixed-adapter batch gives what one pass per role gives."""
     ids, mask = batch
+    model.train()  # the fused passes switch to eval for themselves and back
     roles = ("reference", "actor", "critic", "reward")
-    mixed = model.multi_role_forward(ids, mask, roles=roles, mode="mixed")
-    separate = model.multi_role_forward(ids, mask, roles=roles, mode="separate")
     with torch.no_grad():
         direct = {"reference": model.log_probs(ids, mask, role="reference"), "actor": model.log_probs(ids, mask),
                   "critic": model.values(ids, mask), "reward": model.scores(ids, mask)}
-    assert set(mixed) == set(roles)
-    for role in roles:
-        torch.testing.assert_close(mixed[role], separate[role], atol=1e-6, rtol=0)
-        torch.testing.assert_close(mixed[role], direct[role], atol=1e-6, rtol=0)
-    assert model.multi_role_modes[0] in ("mixed", "separate")
+    assert set(model.multi_role_modes) == {"mixed", "separate"}
+    for mode in model.multi_role_modes:
+        out = model.multi_role_forward(ids, mask, roles=roles, mode=mode)
+        assert set(out) == set(roles)
+        for role in roles:
+            torch.testing.assert_close(out[role], direct[role], atol=1e-6, rtol=0, msg=f"{mode} {role}")
+    # a subset, in another order: each copy of the batch keeps its own role
+    out = model.multi_role_forward(ids, mask, roles=("reward", "actor"), mode="mixed")
+    torch.testing.assert_close(out["actor"], direct["actor"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["reward"], direct["reward"], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="multi-role mode"):
         model.multi_role_forward(ids, mask, mode="fused")
+    assert all(p.requires_grad for r in model.roles for p in model.trainable_parameters(r))
+    assert model.training  # restored after the inference-only pass
 
 
 def test_save_and_load_each_role(model, stories_base, stories_path, batch, tmp_path, perturb):
