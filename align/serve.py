@@ -1,0 +1,502 @@
+"""An OpenAI-compatible HTTP API over our rollout engine, deployed with Ray Serve.
+
+    python -m align.serve --model runs/sft/final                       # Ray Serve on 127.0.0.1:8000
+    python -m align.serve --model /path/to/hf-folder --port 8100 --backend vllm   # GPU
+    python -m align.serve --model runs/sft/final --no-ray              # plain uvicorn, no Ray
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.completions.create(model="final", prompt="Once upon a time", max_tokens=32)
+
+Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both with
+`stream: true`), `GET /health`. The served model's name is `--served-model-name`, by default
+the model folder's name; a request naming another model gets 404.
+
+The engine is the rollout engine of training (`rollout.HFEngine` on CPU, `rollout.VLLMEngine`
+on GPU), so a served model samples exactly as it did in rollouts: the same stop handling, the
+same `seed` semantics. Chat messages are rendered with the tokenizer's chat template, or the
+fallback template SFT trained with (`align.data.chat`), and tokenized as training does.
+
+Honest limits:
+- Streaming is not token by token. Neither engine exposes a per-token callback, so a streamed
+  request is generated whole and then sent as OpenAI SSE chunks (`data: {...}`, one per word,
+  then a chunk with the finish reason, then `data: [DONE]`). Clients see the stream protocol;
+  the first chunk arrives when generation is done.
+- One generation at a time per replica. The engines are not thread-safe, so a lock serialises
+  `generate`; requests beyond it wait (up to `--max-ongoing-requests` per replica, then Ray
+  Serve queues them). A request with several prompts or `n > 1` is one batched call. More
+  throughput: `--num-replicas N` (one engine each).
+- Not supported (400): `logprobs`, `echo`, `best_of`, `suffix`, `logit_bias`, penalties.
+  Other unknown fields are ignored.
+- Context: a prompt that leaves no room for one new token is a 400; otherwise `max_tokens` is
+  capped at what the context has left (finish_reason "length").
+
+Security: the HTTP server binds 127.0.0.1 by default and has no authentication; bind another
+host only behind something that authenticates. With Ray, Serve's proxy honours `--host`, but
+Ray's own GCS and raylet ports listen on all interfaces (Ray binds them so) when this process
+starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Iterator, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ----------------------------------------------------------------------------- request schemas
+
+
+class CompletionRequest(BaseModel):
+    """`POST /v1/completions`: OpenAI's fields that change sampling, plus vLLM's `top_k`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    n: int = Field(1, ge=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    # Unsupported: rejected when set to anything but their neutral value.
+    logprobs: Optional[int] = None
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(CompletionRequest):
+    """`POST /v1/chat/completions`: `messages` instead of `prompt`; `max_tokens` (or
+    `max_completion_tokens`) defaults to what the context has left."""
+
+    prompt: None = None  # type: ignore[assignment]
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None  # type: ignore[assignment]
+    top_logprobs: Optional[int] = None
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _check_supported(req: CompletionRequest) -> None:
+    """400 for the OpenAI options the engines cannot honour, naming the option."""
+    unsupported = {
+        "logprobs": req.logprobs not in (None, 0, False),
+        "top_logprobs": bool(getattr(req, "top_logprobs", None)),
+        "echo": req.echo,
+        "best_of": req.best_of not in (None, 1, req.n),
+        "suffix": bool(req.suffix),
+        "logit_bias": bool(req.logit_bias),
+        "presence_penalty": req.presence_penalty != 0,
+        "frequency_penalty": req.frequency_penalty != 0,
+    }
+    for name, bad in unsupported.items():
+        if bad:
+            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+
+
+# ------------------------------------------------------------------------------------- engine
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """What a replica loads.
+
+    model:          a Hugging Face model folder (or hub id), e.g. a run's `final/` folder.
+    served_name:    the name clients pass as `model`; default the folder's name.
+    backend:        `hf` (CPU default) or `vllm` (GPU).
+    max_model_len:  the context (prompt + completion); default the model's
+                    max_position_embeddings (hf) or 2048 (vllm).
+    max_n:          the largest `n` a request may ask for.
+    """
+
+    model: str
+    served_name: str = ""
+    backend: str = "hf"
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_model_len: Optional[int] = None
+    max_batch_size: int = 64
+    max_n: int = 16
+    gpu_memory_utilization: float = 0.8
+
+    def name(self) -> str:
+        return self.served_name or os.path.basename(os.path.normpath(self.model))
+
+
+class CompletionService:
+    """The engine, its tokenizer and context, behind a lock: the part of the server that is
+    not HTTP. `generate` may be awaited concurrently; calls run one at a time in a thread."""
+
+    def __init__(self, engine, tokenizer, *, name: str, context: int, max_n: int = 16):
+        from align.data.tokenize import Encoder
+
+        self.engine, self.tokenizer, self.name, self.context, self.max_n = engine, tokenizer, name, context, max_n
+        self.encoder = Encoder(tokenizer)
+        self.vocab_size = len(tokenizer)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, s: ServeSettings) -> "CompletionService":
+        if s.backend == "vllm":
+            from rollout.vllm_engine import VLLMEngine
+
+            engine = VLLMEngine(s.model, dtype=s.dtype, max_model_len=s.max_model_len or 2048,
+                                gpu_memory_utilization=s.gpu_memory_utilization)
+            return cls(engine, engine.get_tokenizer(), name=s.name(), context=s.max_model_len or 2048, max_n=s.max_n)
+        if s.backend != "hf":
+            raise ValueError(f"backend: {s.backend!r} is not one of ['hf', 'vllm']")
+        from align.models.loading import load_model_and_tokenizer
+        from rollout.hf import HFEngine
+
+        model, tokenizer = load_model_and_tokenizer(s.model, dtype=s.dtype, device=s.device)
+        context = s.max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
+        engine = HFEngine(model, tokenizer, max_batch_size=s.max_batch_size)
+        return cls(engine, tokenizer, name=s.name(), context=context, max_n=s.max_n)
+
+    # ---- requests to token ids ---------------------------------------------------------------
+
+    def prompt_ids(self, prompt) -> list[list[int]]:
+        """A completion request's prompt(s) as token id lists: text is tokenized as a sequence
+        start (BOS added as in training); ids are taken as given."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt: must not be empty", param="prompt")
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        ids = [self.encoder.encode([(p, "start")])[0] if isinstance(p, str) else list(p) for p in prompt]
+        for row in ids:
+            if not row:
+                raise APIError(400, "prompt: a prompt has no tokens", param="prompt")
+            bad = [t for t in row if not 0 <= t < self.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", param="prompt")
+        return ids
+
+    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The conversation rendered with the chat template, ready for the assistant's turn."""
+        from align.data.chat import render_chat
+
+        rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        try:
+            text = render_chat(rendered, self.tokenizer, add_generation_prompt=True)
+        except Exception as err:  # a template that rejects the conversation (e.g. role order)
+            raise APIError(400, f"messages: the chat template cannot render them: {err}", param="messages") from err
+        return self.encoder.encode([(text, "start")])[0]
+
+    def sampling(self, req: CompletionRequest, prompts: list[list[int]], param: str):
+        """SamplingParams for a request, after the checks that need the model (n, context)."""
+        from rollout.base import SamplingParams
+
+        _check_supported(req)
+        if req.n > self.max_n:
+            raise APIError(400, f"n: must be <= {self.max_n}, got {req.n}", param="n")
+        longest = max(len(p) for p in prompts)
+        if longest >= self.context:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
+                                f"{longest} tokens, leaving no room for a completion",
+                           param=param, code="context_length_exceeded")
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or self.context - longest
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                              max_new_tokens=max_tokens, stop=tuple(s for s in stop if s), seed=req.seed)
+
+    async def generate(self, prompts: list[list[int]], params):
+        """Run the engine in a worker thread, one call at a time (the engines are not thread-safe)."""
+        def locked():
+            with self._lock:
+                return self.engine.generate(prompts, params)
+
+        try:
+            return await asyncio.to_thread(locked)
+        except ValueError as err:  # the engine's own checks on a request
+            raise APIError(400, str(err)) from err
+
+
+# -------------------------------------------------------------------------------------- the app
+
+
+def create_app(service: CompletionService):
+    """The FastAPI app: OpenAI routes over `service`, errors in OpenAI's shape."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="align OpenAI-compatible server")
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError):
+        # OpenAI answers malformed requests with 400 (FastAPI's default is 422).
+        first = err.errors()[0]
+        if first.get("type") == "json_invalid":
+            message, param = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
+        else:
+            loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+            message, param = f"{'.'.join(loc) or 'body'}: {first.get('msg')}", (loc[0] if loc else None)
+        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException):
+        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, err: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").body(),
+                            status_code=500)
+
+    def check_model(req: CompletionRequest) -> None:
+        if req.model != service.name:
+            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{service.name}`",
+                           param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0, "owned_by": "align"}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check_model(req)
+        prompts = service.prompt_ids(req.prompt)
+        params = service.sampling(req, prompts, "prompt")
+        out = await service.generate(prompts, params)
+        reply = _Reply("cmpl", "text_completion", service.name, prompts, out)
+        if req.stream:
+            return StreamingResponse(_sse(reply.completion_chunks(_include_usage(req))), media_type="text/event-stream")
+        return reply.completion()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        check_model(req)
+        prompts = [service.chat_ids(req.messages)]
+        params = service.sampling(req, prompts, "messages")
+        out = await service.generate(prompts, params)
+        reply = _Reply("chatcmpl", "chat.completion", service.name, prompts, out)
+        if req.stream:
+            return StreamingResponse(_sse(reply.chat_chunks(_include_usage(req))), media_type="text/event-stream")
+        return reply.chat()
+
+    return app
+
+
+def _include_usage(req: CompletionRequest) -> bool:
+    return bool((req.stream_options or {}).get("include_usage"))
+
+
+class _Reply:
+    """One generate call's output in OpenAI's response and stream-chunk shapes. Choice k is
+    sample k of the rollout output (prompt-major: prompt k // n, sample k % n), as in OpenAI."""
+
+    def __init__(self, prefix: str, kind: str, model: str, prompts: list[list[int]], out):
+        self.id, self.kind, self.model = f"{prefix}-{uuid.uuid4().hex}", kind, model
+        self.created = int(time.time())
+        self.samples = out.samples
+        completion_tokens = sum(len(s.token_ids) for s in out.samples)
+        prompt_tokens = sum(len(p) for p in prompts)
+        self.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def completion(self) -> dict:
+        choices = [{"index": k, "text": s.text, "logprobs": None, "finish_reason": s.finish_reason}
+                   for k, s in enumerate(self.samples)]
+        return {**self._head("text_completion"), "choices": choices, "usage": self.usage}
+
+    def chat(self) -> dict:
+        choices = [{"index": k, "message": {"role": "assistant", "content": s.text}, "logprobs": None,
+                    "finish_reason": s.finish_reason} for k, s in enumerate(self.samples)]
+        return {**self._head("chat.completion"), "choices": choices, "usage": self.usage}
+
+    def completion_chunks(self, include_usage: bool) -> Iterator[dict]:
+        for k, s in enumerate(self.samples):
+            for piece in text_pieces(s.text):
+                yield self._chunk("text_completion", {"index": k, "text": piece, "logprobs": None, "finish_reason": None})
+            yield self._chunk("text_completion", {"index": k, "text": "", "logprobs": None, "finish_reason": s.finish_reason})
+        if include_usage:
+            yield {**self._head("text_completion"), "choices": [], "usage": self.usage}
+
+    def chat_chunks(self, include_usage: bool) -> Iterator[dict]:
+        kind = "chat.completion.chunk"
+        for k, s in enumerate(self.samples):
+            yield self._chunk(kind, {"index": k, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            for piece in text_pieces(s.text):
+                yield self._chunk(kind, {"index": k, "delta": {"content": piece}, "finish_reason": None})
+            yield self._chunk(kind, {"index": k, "delta": {}, "finish_reason": s.finish_reason})
+        if include_usage:
+            yield {**self._head(kind), "choices": [], "usage": self.usage}
+
+    def _chunk(self, kind: str, choice: dict) -> dict:
+        return {**self._head(kind), "choices": [choice]}
+
+
+def text_pieces(text: str) -> list[str]:
+    """`text` cut into stream pieces, a word each with the whitespace before it; they join back
+    to `text` exactly (trailing whitespace is a piece of its own)."""
+    return re.findall(r"\s*\S+|\s+$", text)
+
+
+async def _sse(chunks: Iterator[dict]):
+    """Server-sent events as OpenAI sends them: `data: <json>` per chunk, then `data: [DONE]`."""
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------------------------ Ray Serve, CLI
+
+
+def serve_application(settings: ServeSettings, *, num_replicas: int = 1, max_ongoing_requests: int = 32,
+                      num_cpus: float = 1.0, num_gpus: float = 0.0):
+    """A bound Ray Serve application: `num_replicas` replicas, each loading its own engine and
+    answering through the FastAPI app of `create_app` (built in the replica, after the engine)."""
+    from ray import serve
+
+    @serve.deployment(name="align-openai", num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
+                      ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus})
+    @serve.ingress()
+    class OpenAIServer:
+        def __init__(self, settings: ServeSettings):
+            self.service = CompletionService.from_settings(settings)
+
+        def __serve_build_asgi_app__(self):
+            return create_app(self.service)
+
+    return OpenAIServer.bind(settings)
+
+
+def run_ray(settings: ServeSettings, args: argparse.Namespace) -> None:
+    """Start (or join) Ray, deploy, print the address, and serve until SIGINT/SIGTERM."""
+    import ray
+    from ray import serve
+
+    ray.init(address=args.ray_address or "local", include_dashboard=False, num_cpus=args.ray_num_cpus,
+             log_to_driver=True)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if settings.backend == "vllm" else 0.0)
+        app = serve_application(settings, num_replicas=args.num_replicas, max_ongoing_requests=args.max_ongoing_requests,
+                                num_cpus=args.num_cpus, num_gpus=num_gpus)
+        serve.run(app, name="align", route_prefix="/")
+        print(f"align.serve: serving {settings.name()!r} at http://{args.host}:{args.port}/v1 (Ray Serve)", flush=True)
+        _wait_for_signal()
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def run_uvicorn(settings: ServeSettings, args: argparse.Namespace) -> None:
+    """The same app in this process with uvicorn, no Ray (a laptop, a quick check)."""
+    import uvicorn
+
+    app = create_app(CompletionService.from_settings(settings))
+    print(f"align.serve: serving {settings.name()!r} at http://{args.host}:{args.port}/v1 (uvicorn)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m align.serve", description="OpenAI-compatible API over an align model.")
+    p.add_argument("--model", required=True, help="a Hugging Face model folder or hub id")
+    p.add_argument("--served-model-name", default="", help="the `model` clients pass (default: the folder name)")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="hf backend: cpu, cuda, auto")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-n", type=int, default=16)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; the API has no auth)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-ray", action="store_true", help="serve with plain uvicorn in this process")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local Ray)")
+    p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--max-ongoing-requests", type=int, default=32, help="per replica; beyond it Serve queues")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 for vllm, else 0)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = ServeSettings(model=args.model, served_name=args.served_model_name, backend=args.backend,
+                             dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_n=args.max_n)
+    (run_uvicorn if args.no_ray else run_ray)(settings, args)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, not this `__main__` copy: Ray pickles functions and classes
+    # of `__main__` by value, without the module globals that FastAPI needs to resolve the
+    # request models, so the replica must get them by reference from `align.serve`.
+    from align.serve import main as _main
+
+    sys.exit(_main())

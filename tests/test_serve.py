@@ -1,0 +1,241 @@
+"""The OpenAI-compatible server, run for real: `python -m align.serve` (Ray Serve) on 127.0.0.1
+with stories260K, queried with the real `openai` client.
+
+Expected texts come from the rollout engine run in this process on the same prompt ids
+(`HFEngine` + the training tokenizer's `Encoder`), so every assertion checks that the HTTP
+layer (Ray Serve, FastAPI, the OpenAI shapes, SSE) hands back exactly what the engine samples:
+greedy completions and chats, seeded n > 1 samples, stream chunks that join to the
+non-streamed text, and concurrent requests that equal sequential ones.
+
+The server runs in its own process session with a private RAY_TMPDIR; teardown is SIGTERM
+(the server shuts Serve and Ray down), then any process left in that session is killed
+(tests/_session.py). Measured with the 2 cores shared by other jobs (load average ~9): the
+server is up after ~84 s (the in-process engine loads meanwhile), the requests take ~60 s, the
+stop ~8 s: ~150 s for the file. Idle, Ray Serve starts in ~7-10 s (docs/ENVIRONMENT.md of the
+workplace) and the file should take well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from _session import kill_session
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("ray.serve")
+pytest.importorskip("fastapi")
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 240
+MODEL = "stories260K"
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went", "One day, a bird",
+           "The sun was", "Tim had a red", "There was a big", "Sue liked to"]
+
+pytestmark = pytest.mark.timeout(480)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def test_text_pieces_join_back_exactly():
+    from align.serve import text_pieces
+
+    for text in ["", " ", "a", " Once upon a time,\n there was  a dog. ", "\n\nend\n", "x  "]:
+        assert "".join(text_pieces(text)) == text
+    assert text_pieces(" Once upon") == [" Once", " upon"]
+
+
+@pytest.fixture(scope="module")
+def launched(stories_path):
+    """The server process as a user starts it (not yet waited for); yields (process, base URL, log)."""
+    tmp = tempfile.mkdtemp(prefix="raysrv-", dir="/tmp")  # short: Ray's unix sockets live here
+    port = _free_port()
+    log_path = Path(tmp) / "server.log"
+    env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "align.serve", "--model", stories_path, "--host", "127.0.0.1", "--port", str(port),
+             "--ray-num-cpus", "2", "--max-ongoing-requests", "16"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        yield proc, f"http://127.0.0.1:{port}", log_path
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the server shuts Serve and Ray down
+        try:
+            proc.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_session(proc.pid)  # whatever of its session is left
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(launched, engine):
+    """The base URL once `/v1/models` answers (the engine loads here meanwhile)."""
+    proc, base, log_path = launched
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while _get(f"{base}/v1/models") != 200:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"server did not come up (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}")
+        time.sleep(1)
+    return base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def engine(stories_path):
+    """The same engine and tokenization in this process: the expected outputs."""
+    from align.data.tokenize import Encoder
+    from align.models.loading import load_model_and_tokenizer
+    from rollout import HFEngine
+
+    model, tok = load_model_and_tokenizer(stories_path)
+    return HFEngine(model, tok), tok, Encoder(tok)
+
+
+def _expected(engine, texts, **params):
+    from rollout import SamplingParams
+
+    eng, _, enc = engine
+    ids = [enc.encode([(t, "start")])[0] for t in texts]
+    return ids, eng.generate(ids, SamplingParams(**params)).samples
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_greedy_completions_equal_the_engine(client, engine):
+    ids, expected = _expected(engine, PROMPTS[:2], temperature=0, max_new_tokens=24)
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=24, temperature=0)
+    assert [c.index for c in got.choices] == [0, 1]
+    assert [c.text for c in got.choices] == [s.text for s in expected]
+    assert [c.finish_reason for c in got.choices] == [s.finish_reason for s in expected]
+    assert got.usage.prompt_tokens == sum(map(len, ids))
+    assert got.usage.completion_tokens == sum(len(s.token_ids) for s in expected)
+    assert got.object == "text_completion" and got.model == MODEL
+    # token-id prompts are accepted too, and sample the same
+    again = client.completions.create(model=MODEL, prompt=ids[0], max_tokens=24, temperature=0)
+    assert again.choices[0].text == expected[0].text
+
+
+def test_chat_completion_renders_the_chat_template_and_equals_the_engine(client, engine):
+    from align.data.chat import render_chat
+    from rollout import SamplingParams
+
+    messages = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Tell me about a cat."}]
+    eng, tok, enc = engine
+    ids = enc.encode([(render_chat(messages, tok, add_generation_prompt=True), "start")])[0]
+    (expected,) = eng.generate([ids], SamplingParams(temperature=0, max_new_tokens=20)).samples
+    got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == expected.text
+    assert got.usage.prompt_tokens == len(ids)
+
+
+def test_stream_chunks_join_to_the_non_streamed_greedy_text(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=32, temperature=0).choices[0]
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=32, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert len(pieces) > 2  # really chunked, not one blob
+    assert "".join(pieces) == whole.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
+    assert chunks[-1].usage.completion_tokens > 0  # the usage chunk comes last
+
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    chat_whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    stream = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == chat_whole.choices[0].message.content
+    assert stream[-1].choices[0].finish_reason == chat_whole.choices[0].finish_reason
+
+
+def test_n_samples_are_seeded_like_the_engine(client, engine):
+    _, expected = _expected(engine, PROMPTS[:1], n=3, temperature=1.0, max_new_tokens=16, seed=7)
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[0], n=3, max_tokens=16, temperature=1.0, seed=7)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    assert [c.text for c in got.choices] == [s.text for s in expected]
+    assert len({c.text for c in got.choices}) > 1  # sampled, not three copies of one
+
+
+def test_concurrent_requests_all_succeed_and_equal_sequential_ones(client):
+    def ask(prompt):
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+
+    sequential = [ask(p) for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        concurrent = list(pool.map(ask, PROMPTS))
+    assert concurrent == sequential
+    assert len(set(sequential)) == len(PROMPTS)
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, param",
+    [
+        ({"max_tokens": 0}, 400, "max_tokens"),
+        ({"temperature": -0.5}, 400, "temperature"),
+        ({"n": 0}, 400, "n"),
+        ({"top_p": 0}, 400, "top_p"),
+        ({"logprobs": 2}, 400, "logprobs"),
+        ({"prompt": "Once upon a time " * 200}, 400, "prompt"),  # > 512 tokens of context
+        ({"model": "gpt-4"}, 404, "model"),
+    ],
+)
+def test_bad_request_gets_4xx_with_a_message(client, kwargs, status, param):
+    request = {"model": MODEL, "prompt": "Once", "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(**request)
+    assert err.value.status_code == status
+    body = err.value.body  # the "error" object of OpenAI's error shape
+    assert body["param"] == param and body["message"] and body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "payload, route, param",
+    [
+        ({"model": MODEL, "max_tokens": 4}, "completions", "prompt"),  # missing prompt
+        ({"model": MODEL, "messages": []}, "chat/completions", "messages"),
+        ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, "chat/completions", "messages"),
+        ("{not json", "completions", None),
+    ],
+)
+def test_malformed_request_gets_400_in_openai_error_shape(server, payload, route, param):
+    data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+    req = urllib.request.Request(f"{server}/v1/{route}", data=data, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    assert err.value.code == 400
+    error = json.loads(err.value.read())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["message"]
