@@ -165,3 +165,52 @@ def test_failing_job_gives_nonzero_exit_and_readable_logs(ray_head, tmp_path):
     record = _job_record(address, env, job_id)
     assert record["status"] == "FAILED"
     assert "trainer.lr_scheduler" in record["logs"] and "cosin" in record["logs"]
+
+
+class _FakeJobs:
+    """The slice of JobSubmissionClient that `follow` uses, with scripted answers."""
+
+    def __init__(self, lines, statuses, hang=False, broken=False):
+        self.lines, self.statuses, self.hang, self.broken = lines, list(statuses), hang, broken
+
+    async def tail_job_logs(self, job_id):
+        import asyncio
+
+        if self.broken:
+            raise ConnectionError("websocket refused")
+        for line in self.lines:
+            yield line
+        if self.hang:
+            await asyncio.sleep(3600)
+
+    def get_job_status(self, job_id):
+        from ray.job_submission import JobStatus
+
+        return JobStatus(self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0])
+
+    def get_job_logs(self, job_id):
+        return "".join(self.lines)
+
+
+def test_follow_streams_logs_then_waits_for_a_terminal_status():
+    import io
+
+    from align.launch import follow
+
+    out = io.StringIO()
+    # the log stream can close while the status still says RUNNING: follow polls until it ends
+    status = follow(_FakeJobs(["step 1\n", "done\n"], ["RUNNING", "SUCCEEDED"]), "j", out=out, poll_s=0.01)
+    assert status.value == "SUCCEEDED" and out.getvalue() == "step 1\ndone\n"
+
+
+def test_follow_gives_up_at_the_timeout_and_falls_back_to_polling():
+    import io
+
+    from align.launch import follow
+
+    out = io.StringIO()
+    assert follow(_FakeJobs(["a\n"], ["RUNNING"], hang=True), "j", timeout=0.3, out=out) is None
+    assert out.getvalue() == "a\n"
+    out = io.StringIO()  # no websocket: poll, then print the whole log once
+    status = follow(_FakeJobs(["x\n"], ["PENDING", "FAILED"], broken=True), "j", out=out, poll_s=0.01)
+    assert status.value == "FAILED" and out.getvalue() == "x\n"
