@@ -31,13 +31,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai  # a dev dependency; ray[serve] brings fastapi and uvicorn (no skip: missing is a failure)
 import pytest
 
 from _session import kill_session
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("ray.serve")
-pytest.importorskip("fastapi")
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 240
