@@ -1,0 +1,87 @@
+"""PPO end to end on CPU (actor and critic adapters on one base), and its KL controller and
+critic initialisation on hand-made inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from align.config import compose
+from align.trainers.metrics import read_metrics
+
+
+@pytest.mark.slow
+def test_ppo_raises_heldout_story_reward(ray_cluster, tmp_path):
+    """12 PPO iterations (8 prompts x 4 samples, 2 epochs x 2 minibatches, fixed seed) lift the
+    held-out mean story reward (32 unseen prompts x 2 samples, same seed) by more than 0.15.
+    Measured: 0.08 -> 0.34 at 10 iterations and 0.60 at 15; the std error of one evaluation is ~0.03."""
+    from align.trainers.ppo import train
+
+    cfg, hydra_cfg = compose(["algo=ppo", f"output_dir={tmp_path}", "trainer.max_steps=12", "trainer.eval_every=12",
+                              "trainer.save_every=12", "trainer.progress=false", "rollout.max_new_tokens=32", "seed=0"])
+    summary = train(cfg, hydra_cfg)
+
+    assert summary["eval_reward_after"] > summary["eval_reward_before"] + 0.15, summary
+    rows = read_metrics(tmp_path)[1:]
+    assert len(rows) == 12
+    for r in rows:
+        assert math.isfinite(r["actor/loss"]) and math.isfinite(r["critic/vf_loss"])
+        assert r["kl/coef"] == pytest.approx(0.02)  # fixed controller
+    # two epochs x two minibatches: old log-probs recomputed, and they match the engine's
+    assert all(r["rollout_logp_mismatch"] < 1e-3 for r in rows)
+    # the critic learns: explained variance climbs from below zero
+    assert rows[0]["critic/explained_variance"] < rows[-1]["critic/explained_variance"]
+    assert rows[-1]["critic/explained_variance"] > 0.2
+
+
+def test_adaptive_kl_controller_follows_target():
+    """Ziegler et al. Sec. 2.2 by hand: KL 12 vs target 6 -> error clipped to +0.2, coef *= 1 +
+    0.2 * 100 / 1000 = 1.02; KL 3 -> error -0.5 clipped to -0.2 -> * 0.98; fixed never moves."""
+    from align.trainers.ppo import KLController
+
+    ctl = KLController(0.1, adaptive=True, target=6.0, horizon=1000)
+    ctl.update(12.0, 100)
+    assert ctl.value == pytest.approx(0.102)
+    ctl.update(3.0, 100)
+    assert ctl.value == pytest.approx(0.102 * 0.98)
+    ctl.update(6.6, 1000)  # error 0.1: * 1.1
+    assert ctl.value == pytest.approx(0.102 * 0.98 * 1.1)
+    fixed = KLController(0.1)
+    fixed.update(100.0, 10_000)
+    assert fixed.value == 0.1
+
+
+def test_critic_initialised_from_reward_model_predicts_its_score(stories_path, tmp_path):
+    """critic_init_from_reward: the critic's value at a sequence's last token equals the reward
+    model's score of that sequence (same adapter, value head = score head, zero bias)."""
+    from align.config import ModelConfig, TrainerConfig
+    from align.models import load_causal_lm
+    from align.models.multihead import MultiHeadModel, RoleConfig
+    from align.workers.batch import Experience
+    from align.workers.worker import ModelWorker, WorkerSpec
+
+    torch.manual_seed(0)
+    rm = MultiHeadModel(load_causal_lm(stories_path), {"reward": RoleConfig()})
+    with torch.no_grad():
+        for name, p in rm.peft.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.05)
+    rm.save_role("reward", str(tmp_path / "rm"))
+
+    spec = WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune="lora"), trainer=TrainerConfig(),
+                      roles=("actor", "critic"), reward_model_path=str(tmp_path / "rm"), critic_init_from_reward=True)
+    worker = ModelWorker(spec)
+    batch = Experience(
+        prompt_ids=torch.tensor([[0, 1, 403], [1, 403, 407]]), prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        response_ids=torch.tensor([[261, 378, 0], [261, 378, 305]]),
+        response_mask=torch.tensor([[True, True, False], [True, True, True]]), group_ids=torch.tensor([0, 1]),
+    )
+    out = worker.annotate(batch, ("critic", "reward"))
+    last = batch.response_lengths - 1  # the value of the state that includes the last token is at
+    # column P + last of the per-prefix values, one past the response slice: recompute it directly
+    values = worker.model.values(batch.input_ids, batch.attention_mask)  # (B, P + R)
+    at_end = values[torch.arange(2), batch.prompt_width + last]
+    assert torch.allclose(at_end, out["rm_scores"], atol=1e-5)
+    assert not torch.allclose(out["rm_scores"], torch.zeros(2))
