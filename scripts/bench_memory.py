@@ -9,11 +9,16 @@ step each). Layouts:
                  copy with the same LoRA adapter: OpenRLHF's LoRA layout;
 - separate_full: four copies with full fine-tuning of actor and critic (--full-ft; large).
 
+Activations grow with tokens x hidden x layers and weights with hidden^2 x layers, so the
+ratio approaches 1/4 as the model grows and rises with the tokens per micro-batch: the default
+model is big enough that its weights outweigh one 256-token micro-batch's activations.
+
 Each layout runs in a fresh subprocess. On CPU the peak is the process's peak resident set
 (VmHWM) minus its resident set after the imports, i.e. what the models and the step cost; raw
 peaks are printed too. On CUDA it is torch.cuda.max_memory_allocated. Prints one JSON object.
 
-    python scripts/bench_memory.py              # a ~138M-parameter random Llama
+    python scripts/bench_memory.py              # a ~268M-parameter random Llama
+    python scripts/bench_memory.py --hidden 768 --layers 12 --intermediate 3072 --full-ft   # ~138M
     python scripts/bench_memory.py --small      # seconds, for a smoke run
 """
 
@@ -111,9 +116,9 @@ def worker(layout: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="a tiny model: a smoke run of the whole script")
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--intermediate", type=int, default=3072)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=14)
+    ap.add_argument("--intermediate", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
