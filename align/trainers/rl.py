@@ -215,30 +215,12 @@ class RLRun:
     # ---- 6: updates -------------------------------------------------------------------------------
     def update_roles(self, step: int, batch: Experience, losses: dict[str, Any]) -> dict[str, float]:
         """`ppo_epochs` x minibatches optimizer steps of each role in `losses` (actor, critic) on
-        `batch`, sharded over the role's replicas; the roles' calls run concurrently.
-
-        The minibatches are drawn on the driver (a fixed permutation per epoch and step), so one
-        replica and N replicas take identical optimizer steps; each minibatch's loss normaliser
-        is computed here over the whole minibatch and passed to every replica.
-        """
-        from align.core import loss_normaliser
-
-        generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
-        num = self.num_minibatches(len(batch))
-        minibatches = [mb for _ in range(self.algo.ppo_epochs)
-                       for mb in batch.minibatches(num, generator if num > 1 else None)]
-        normalisers = [float(loss_normaliser(mb.response_mask, self.algo.loss_agg,
-                                             max_len=self.cfg.rollout.max_new_tokens).clamp_min(1)) for mb in minibatches]
-        pending = []
-        for role, loss in losses.items():
-            group = self.placement.group(role)
-            shards = [mb.chunk(group.size) for mb in minibatches]
-            per_rank = [([s[rank] for s in shards], normalisers, loss) for rank in range(group.size)]
-            pending.append((role, group, group.map_async(f"update_{role}", per_rank)))
-        metrics = {}
-        for role, group, refs in pending:
-            metrics.update(combine_stats(group.get(refs, f"update_{role}"), prefix=role))
-        return metrics
+        `batch`, sharded over the role's replicas; the roles' calls run concurrently."""
+        minibatches, normalisers = update_plan(
+            batch, epochs=self.algo.ppo_epochs, num_minibatches=self.num_minibatches(len(batch)),
+            agg=self.algo.loss_agg, max_len=self.cfg.rollout.max_new_tokens, seed=self.cfg.seed * 7919 + step)
+        return dispatch_updates({role: (self.placement.group(role), loss) for role, loss in losses.items()},
+                                minibatches, normalisers)
 
     def num_minibatches(self, rows: int) -> int:
         size = self.algo.minibatch_size
@@ -360,6 +342,39 @@ class RLRun:
 
             ray.shutdown()
             self._started_ray = False
+
+
+def update_plan(batch: Experience, *, epochs: int, num_minibatches: int, agg: str, max_len: int,
+                seed: int) -> tuple[list[Experience], list[float]]:
+    """The iteration's optimizer steps: `epochs` passes, each over `num_minibatches` minibatches
+    of a fresh permutation (in order when there is one minibatch), and each minibatch's global
+    loss normaliser (`align.core.loss_normaliser` over the whole minibatch).
+
+    Drawn on the driver, so one replica and N replicas take identical optimizer steps.
+    """
+    from align.core import loss_normaliser
+
+    generator = torch.Generator().manual_seed(seed)
+    minibatches = [mb for _ in range(epochs)
+                   for mb in batch.minibatches(num_minibatches, generator if num_minibatches > 1 else None)]
+    normalisers = [float(loss_normaliser(mb.response_mask, agg, max_len=max_len).clamp_min(1)) for mb in minibatches]
+    return minibatches, normalisers
+
+
+def dispatch_updates(roles: dict[str, tuple[Any, Any]], minibatches: Sequence[Experience],
+                     normalisers: Sequence[float]) -> dict[str, float]:
+    """Run `update_<role>` on each role's worker group, {role: (group, loss options)}: replica r
+    gets shard r of every minibatch and the global normalisers; all calls are launched before
+    any is awaited, so roles on different groups update concurrently. Returns merged metrics."""
+    pending = []
+    for role, (group, loss) in roles.items():
+        shards = [mb.chunk(group.size) for mb in minibatches]
+        per_rank = [([s[rank] for s in shards], list(normalisers), loss) for rank in range(group.size)]
+        pending.append((role, group, group.map_async(f"update_{role}", per_rank)))
+    metrics: dict[str, float] = {}
+    for role, group, refs in pending:
+        metrics.update(combine_stats(group.get(refs, f"update_{role}"), prefix=role))
+    return metrics
 
 
 def _bounds(n: int, parts: int) -> list[tuple[int, int]]:

@@ -46,7 +46,9 @@ class WorkerSpec:
         serves the reference (adapters off with LoRA; a frozen copy with full fine-tuning) and
         the rollout engine. reward_model_path: a `save_role("reward")` folder loaded into the
         reward role (frozen). critic_init_from_reward: copy the reward adapter and score head
-        into the critic's adapter and value head at start.
+        into the critic's adapter and value head at start. optimizer: `adamw` (the trainer's
+        settings) or `sgd` (plain SGD at trainer.lr: updates proportional to the gradients, for
+        tests that compare gradients through the weights).
     """
 
     model: ModelConfig
@@ -58,6 +60,7 @@ class WorkerSpec:
     forward_batch_size: int = 64
     seed: int = 0
     num_threads: int = 1
+    optimizer: str = "adamw"
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,9 @@ class ModelWorker:
                     from dataclasses import replace
 
                     tcfg = replace(tcfg, lr=spec.critic_lr)
-                self.optimizers[role] = build_optimizer(self.model.trainable_parameters(role), tcfg)
+                params = self.model.trainable_parameters(role)
+                self.optimizers[role] = (torch.optim.SGD(params, lr=tcfg.lr) if spec.optimizer == "sgd"
+                                         else build_optimizer(params, tcfg))
                 self.schedulers[role] = build_scheduler(self.optimizers[role], tcfg)
         self.model.train()
 
