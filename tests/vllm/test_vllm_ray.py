@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,7 +18,13 @@ from rollout.ray_engine import make_remote_engine  # noqa: E402
 from rollout.vllm_engine import VLLMEngine  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
-ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+REPO = Path(__file__).resolve().parents[2]
+ACTOR_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+}
 
 
 @pytest.fixture(scope="module")
