@@ -383,6 +383,45 @@ ALGO_SCHEMAS["grpo"] = GRPOConfig
 ALGO_SCHEMAS["ppo"] = PPOConfig
 
 
+@dataclass(frozen=True)
+class QuantizeConfig(AlgoConfig):
+    """Quantization stage (align/quantize.py): weight-only int8 / int4 of a merged model, with
+    its size, held-out perplexity and generation speed against the unquantized model.
+
+    input: a Hugging Face causal-LM folder or a LoRA adapter folder (merged into its base
+        first); empty = `model.name_or_path`.
+    method: int8 | int4 (symmetric, round-to-nearest).
+    backend: compressed-tensors (packed; vLLM's native format) | torchao.
+    group_size: null = one scale per output channel; else inputs per scale (must divide every
+        quantized layer's input width).
+    eval_source: hh | gsm8k | a .txt / .jsonl path: `eval_samples` texts, each cut to
+        `max_length` tokens, for perplexity.
+    speed_prompts, max_new_tokens: the greedy generation speed test.
+    """
+
+    name: str = "quantize"
+    input: str = ""
+    method: str = "int8"
+    backend: str = "compressed-tensors"
+    group_size: Optional[int] = None
+    eval_source: str = "hh"
+    eval_samples: int = 64
+    max_length: int = 256
+    speed_prompts: int = 4
+    max_new_tokens: int = 32
+
+    def __post_init__(self):
+        _one_of("algo.method", self.method, ("int8", "int4"))
+        _one_of("algo.backend", self.backend, ("compressed-tensors", "torchao"))
+        if self.group_size is not None:
+            _positive("algo.group_size", self.group_size)
+        for key in ("eval_samples", "max_length", "speed_prompts", "max_new_tokens"):
+            _positive(f"algo.{key}", getattr(self, key))
+
+
+ALGO_SCHEMAS["quantize"] = QuantizeConfig
+
+
 # ------------------------------------------------------------------------------------- the run
 
 

@@ -6,6 +6,7 @@ import importlib
 
 TRAINERS = {
     "sft": "align.trainers.sft",
+    "quantize": "align.quantize",
     "grpo": "align.trainers.grpo",
     "ppo": "align.trainers.ppo",
 }
