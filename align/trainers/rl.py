@@ -68,8 +68,9 @@ def init_ray(cluster) -> bool:
     if ray.is_initialized():
         return False
     if cluster.address == "local":
-        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=cluster.include_dashboard,
-                 logging_level=logging.WARNING)
+        from align.workers.group import init_local_ray
+
+        init_local_ray(num_cpus=cluster.num_cpus, include_dashboard=cluster.include_dashboard)
     else:
         ray.init(address=cluster.address, logging_level=logging.WARNING)
     return True

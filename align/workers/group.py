@@ -18,6 +18,26 @@ from align.workers.batch import Experience
 from align.workers.worker import ModelWorker, WorkerSpec
 
 
+def init_local_ray(num_cpus: int | None = None, include_dashboard: bool = False, attempts: int = 3) -> None:
+    """`ray.init(address="local", ...)`, retried: Ray gives its raylet a fixed 30 s to register,
+    which a heavily loaded machine can miss ("The current node timed out during startup")."""
+    import logging
+    import time
+
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+                     logging_level=logging.WARNING)
+            return
+        except Exception as err:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == attempts:
+                raise
+            ray.shutdown()
+            time.sleep(2.0)
+
+
 class WorkerDiedError(RuntimeError):
     """A worker process died or a verb raised inside it; the message names the worker."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Iterator
 
 
@@ -14,9 +13,11 @@ def local_ray(num_cpus: int = 2) -> Iterator[str]:
     `cluster.address=<address>`. Shuts down only a cluster it started."""
     import ray
 
+    from align.workers.group import init_local_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        init_local_ray(num_cpus=num_cpus, include_dashboard=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
