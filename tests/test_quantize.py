@@ -182,6 +182,35 @@ def test_lora_adapter_input_is_merged_before_quantizing(stories_path, tmp_path):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_exported_actor_of_the_multihead_model_is_what_gets_quantized(stories_path, tmp_path):
+    """The issue's pipeline: train (here: perturb) the actor's LoRA adapter, export it merged,
+    quantize. The report's unquantized NLL is the live actor's, not the base's."""
+    from align.models.loading import load_causal_lm, load_tokenizer
+    from align.models.multihead import MultiHeadModel, RoleConfig
+
+    torch.manual_seed(0)
+    model = MultiHeadModel(load_causal_lm(stories_path), {"actor": RoleConfig(r=4)})
+    with torch.no_grad():
+        for p in model.trainable_parameters("actor"):
+            p.normal_(0.0, 0.05)
+    tok = load_tokenizer(stories_path)
+    model.export_merged_actor(str(tmp_path / "actor"), tok)
+    texts = held_out_texts("hh", 4)
+    report = quantize(str(tmp_path / "actor"), str(tmp_path / "q"), "int8", eval_texts=texts,
+                      **dict(FAST, eval_samples=4))
+
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    mask = enc["attention_mask"][:, 1:]  # (B, T-1)
+    with torch.no_grad():
+        actor_logp = model.log_probs(enc["input_ids"], enc["attention_mask"], role="actor")  # (B, T-1)
+        ref_logp = model.log_probs(enc["input_ids"], enc["attention_mask"], role="reference")
+    actor_nll = float(-(actor_logp * mask).sum() / mask.sum())
+    ref_nll = float(-(ref_logp * mask).sum() / mask.sum())
+    assert report["merged_adapter"] is False
+    assert report["nll_before"] == pytest.approx(actor_nll, rel=1e-5)
+    assert abs(actor_nll - ref_nll) > 1e-3 and abs(report["ppl_change"]) < 0.02
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_torchao_backend_saves_and_reloads(method, stories_path, tmp_path):
     """torchao stores the integer codes and per-row scales: the scales are ours exactly; a code
