@@ -207,9 +207,13 @@ def build_placement(spec: WorkerSpec, roles: Sequence[str], cluster, run_id: str
     if cluster.placement == "colocated":
         group = WorkerGroup("model", replace(spec, roles=tuple(roles)), **kw)
         return Placement({role: group for role in (*roles, "reward")})
-    groups = {role: WorkerGroup(role, replace(spec, roles=(role,), critic_init_from_reward=(
-        spec.critic_init_from_reward and role == "critic"), reward_model_path=(
-        spec.reward_model_path if role in ("reward", "critic") else None)), **kw) for role in roles}
-    if spec.reward_model_path and "reward" not in groups:
-        groups["reward"] = WorkerGroup("reward", replace(spec, roles=("reward",)), **kw)
-    return Placement(groups)
+    def role_spec(role: str) -> WorkerSpec:
+        # the critic group loads the reward model only to initialise the critic from it
+        from_reward = spec.critic_init_from_reward and role == "critic"
+        needs_rm = role == "reward" or from_reward
+        return replace(spec, roles=(role,), critic_init_from_reward=from_reward,
+                       reward_model_path=spec.reward_model_path if needs_rm else None)
+
+    if spec.reward_model_path:
+        roles = (*roles, "reward")
+    return Placement({role: WorkerGroup(role, role_spec(role), **kw) for role in roles})

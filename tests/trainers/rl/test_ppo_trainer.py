@@ -3,6 +3,7 @@ critic initialisation on hand-made inputs."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -85,3 +86,44 @@ def test_critic_initialised_from_reward_model_predicts_its_score(stories_path, t
     at_end = values[torch.arange(2), batch.prompt_width + last]
     assert torch.allclose(at_end, out["rm_scores"], atol=1e-5)
     assert not torch.allclose(out["rm_scores"], torch.zeros(2))
+
+
+@pytest.mark.slow
+def test_split_placement_with_rule_and_reward_model(ray_cluster, stories_path, tmp_path):
+    """Split placement: actor, critic and reward each on their own worker (half a CPU each); the
+    score is the story rule plus the reward model's weighted score; the critic starts from the
+    reward model. Two PPO iterations run, and the checkpoint holds every group's state."""
+    from align.models import load_causal_lm
+    from align.models.multihead import MultiHeadModel, RoleConfig
+    from align.trainers.metrics import read_metrics
+    from align.trainers.ppo import train
+
+    torch.manual_seed(1)
+    rm = MultiHeadModel(load_causal_lm(stories_path), {"reward": RoleConfig()})
+    with torch.no_grad():
+        for name, p in rm.peft.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.05)
+    rm.save_role("reward", str(tmp_path / "rm"))
+
+    cfg, hydra_cfg = compose([
+        "algo=ppo", f"output_dir={tmp_path / 'run'}", "cluster.placement=split", "cluster.num_cpus_per_worker=0.5",
+        f"reward.model_path={tmp_path / 'rm'}", "reward.model_weight=0.1", "algo.critic_init_from_reward=true",
+        "algo.rollout_batch_size=2", "algo.minibatch_size=4", "algo.eval_prompts=2", "rollout.max_new_tokens=12",
+        "trainer.max_steps=2", "trainer.save_every=2", "trainer.eval_every=2", "trainer.progress=false",
+    ])
+    train(cfg, hydra_cfg)
+
+    workers = json.loads((tmp_path / "run" / "workers.json").read_text())
+    assert sorted(w["name"] for w in workers) == ["actor-0", "critic-0", "reward-0"]
+    assert len({w["pid"] for w in workers}) == 3
+    rows = read_metrics(tmp_path / "run")[1:]
+    for r in rows:
+        assert r["reward/model"] != 0 and math.isfinite(r["critic/vf_loss"])
+        # score = rule + 0.1 * model, averaged over the batch
+        assert r["reward/mean"] == pytest.approx(r["reward/target"] * 0.5 + r["reward/sentiment"] * 0.3
+                                                 + r["reward/ending"] * 0.2 + 0.1 * r["reward/model"], abs=1e-5)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_2" / "workers"
+    assert (ckpt / "actor" / "actor" / "adapter_model.safetensors").exists()
+    assert (ckpt / "critic" / "critic" / "value_head.safetensors").exists()
+    assert (ckpt / "reward" / "reward" / "score_head.safetensors").exists()
