@@ -252,7 +252,62 @@ class SFTConfig(AlgoConfig):
         _one_of("algo.loss_agg", self.loss_agg, ("token-mean", "seq-mean-token-mean"))
 
 
+@dataclass(frozen=True)
+class DPOConfig(AlgoConfig):
+    """Offline preference optimisation (`align/trainers/dpo.py`): one trainer, the loss by name.
+
+    loss: a name in `align.core.PREFERENCE_LOSSES`: sigmoid (DPO), robust (rDPO), ipo, hinge,
+        simpo, orpo (reference-free), kto (unpaired). docs/paper_index.md cites each.
+    beta: the loss's temperature (DPO beta, IPO tau, SimPO beta, ORPO lambda, KTO beta).
+    label_smoothing: cDPO / rDPO flip rate eps (sigmoid, robust only).
+    simpo_gamma: SimPO's target reward margin.
+    desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U.
+    unpair: KTO on paired data: each pair becomes one desirable (chosen) and one undesirable
+        (rejected) example. Without it, `loss=kto` needs `data.format=kto`.
+    precompute_reference: reference log-probs computed once before training (adapters off with
+        LoRA, the initial weights with full fine-tuning) instead of a reference forward per step.
+    reference_cache: keep precomputed reference log-probs on disk, keyed by data, model and
+        tokenisation, and reuse them in later runs.
+    reference_cache_dir: where; empty = $ALIGN_CACHE_DIR/reference or ~/.cache/align/reference.
+    reference_batch_size: rows per forward when precomputing.
+    share_prompt: run each pair's prompt once and both responses over its cached keys and
+        values (the same numbers as prompt + response rows, less work); false: one forward over
+        the 2B concatenated rows, for models whose forward cannot continue from a cache.
+    """
+
+    name: str = "dpo"
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    unpair: bool = False
+    precompute_reference: bool = True
+    reference_cache: bool = True
+    reference_cache_dir: str = ""
+    reference_batch_size: int = 32
+    share_prompt: bool = True
+
+    def __post_init__(self):
+        from align.core.preference import PREFERENCE_LOSSES  # torch, only when a DPO run is configured
+
+        _one_of("algo.loss", self.loss, tuple(PREFERENCE_LOSSES.names()))
+        _positive("algo.beta", self.beta)
+        _positive("algo.desirable_weight", self.desirable_weight)
+        _positive("algo.undesirable_weight", self.undesirable_weight)
+        _positive("algo.reference_batch_size", self.reference_batch_size)
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
+            raise ConfigError(f"algo.label_smoothing: only the sigmoid and robust losses use it, not {self.loss!r}")
+        # cDPO allows eps = 0.5 (a coin flip); rDPO divides by 1 - 2 eps.
+        if not 0 <= self.label_smoothing <= 0.5 or (self.loss == "robust" and self.label_smoothing == 0.5):
+            raise ConfigError(f"algo.label_smoothing: must be in [0, 0.5] (robust: [0, 0.5)), got {self.label_smoothing!r}")
+        if self.unpair and self.loss != "kto":
+            raise ConfigError(f"algo.unpair: only the kto loss takes unpaired data, not {self.loss!r}")
+
+
 ALGO_SCHEMAS: dict[str, type] = {"sft": SFTConfig}
+ALGO_SCHEMAS["dpo"] = DPOConfig
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ TRAINERS = {
     "quantize": "align.quantize",
     "grpo": "align.trainers.grpo",
     "ppo": "align.trainers.ppo",
+    "dpo": "align.trainers.dpo",
 }
 
 

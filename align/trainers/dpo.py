@@ -1,0 +1,485 @@
+"""Offline preference optimisation: DPO and its family, one driver, the loss chosen by name.
+
+    python -m align algo=dpo                       # DPO (sigmoid) on HH-RLHF pairs
+    python -m align algo=dpo algo.loss=ipo         # or robust, hinge, simpo, orpo
+    python -m align algo=kto                       # KTO, each HH pair split into two examples
+
+Every loss comes from `align.core.PREFERENCE_LOSSES` (docs/paper_index.md cites each). One
+optimizer step:
+
+1. takes `grad_accum` micro-batches of B pairs and gets the summed response log-probs
+   log pi(y|x) of both sides: each prompt runs once, then the 2B chosen and rejected responses
+   in one forward over its cached keys and values (`align/trainers/logps.py`; with
+   `algo.share_prompt=false`, one forward over 2B prompt + response rows);
+2. reads the reference log-probs log pi_ref(y|x), precomputed once before training (adapters
+   off with LoRA, the initial weights with full fine-tuning; cached on disk, see
+   `align/trainers/reference.py`) or computed per batch; reference-free losses skip them;
+3. calls the loss, scaled to its share of the step, so the step's loss is the mean over all of
+   its pairs (and ORPO's NLL the mean over all of its chosen tokens): 2 x 4 accumulation gives
+   the gradient of 1 x 8;
+4. clips, steps, logs implicit rewards, margins, accuracy and log-probs, evaluates on held-out
+   pairs (at step 0 and every `eval_every`) and checkpoints for exact resume.
+
+KTO is unpaired: its micro-batches hold B (prompt, completion, label) examples, and before the
+micro-batches of a step its reference point z0 is estimated, without gradient, from the same
+examples' prompts paired with other examples' completions (fixed per example, see
+`assign_mismatched`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from align.config import DataConfig, DPOConfig, RunConfig
+from align.core import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, kto_reference_point, masked_mean
+from align.trainers.checkpoint import Checkpointer
+from align.trainers.common import (
+    EpochBatches,
+    build_optimizer,
+    build_scheduler,
+    prepare_output_dir,
+    seed_everything,
+    set_threads,
+)
+from align.trainers.metrics import RunLogger
+from align.trainers.logps import (
+    collate_sequences,
+    collate_shared,
+    concatenated_logps,
+    response_logps,
+    shared_prompt_logps,
+)
+from align.trainers.reference import default_cache_dir, reference_logps, reference_mode
+from align.trainers.setup import build_policy
+
+# The loss functions' statistics, under the names the logs use.
+STAT_NAMES = {"chosen_rewards": "rewards/chosen", "rejected_rewards": "rewards/rejected",
+              "margins": "rewards/margins", "accuracy": "rewards/accuracy"}
+# Losses with a term averaged over the chosen *tokens* of their batch (ORPO's NLL), which the
+# step re-weights so that it is averaged over the tokens of the whole step.
+TOKEN_MEAN_NLL = frozenset({"orpo"})
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def unpair(pairs: list[dict]) -> list[dict]:
+    """KTO from preference pairs, the conversion of the KTO paper's HH experiments
+    (Ethayarajh et al. 2024, Sec. 4.2): each pair gives a desirable example (prompt, chosen)
+    and an undesirable one (prompt, rejected), both with the pair's prompt tokens."""
+    return [{"prompt_ids": p["prompt_ids"], "completion_ids": p[key], "label": label}
+            for p in pairs for key, label in (("chosen_ids", True), ("rejected_ids", False))]
+
+
+def assign_mismatched(items: list[dict], max_length: int, seed: int) -> None:
+    """Give each unpaired item the completion of another prompt (`kl_completion_ids`).
+
+    KTO's reference point z0 = max(0, E[log pi(y'|x) / pi_ref(y'|x)]) is estimated on
+    mismatched pairs (x, y'), y' answering another prompt (Ethayarajh et al. 2024, Sec. 4.2:
+    shift the outputs by one within the batch). Here the shift is fixed once per example: under
+    a seeded permutation, item perm[k] takes the completion of the next item with a different
+    prompt. Fixed pairs let the reference's log-probs of them be precomputed with the rest.
+    The completion is cut so that prompt + completion fits `max_length`.
+    """
+    n = len(items)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    for k, i in enumerate(perm):
+        j = next((perm[(k + s) % n] for s in range(1, n)
+                  if items[perm[(k + s) % n]]["prompt_ids"] != items[i]["prompt_ids"]), perm[(k + 1) % n])
+        room = max(max_length - len(items[i]["prompt_ids"]), 1)
+        items[i]["kl_completion_ids"] = items[j]["completion_ids"][:room]
+
+
+@dataclass
+class PreferenceData:
+    """Tokenized items. Pairs: {prompt_ids, chosen_ids, rejected_ids}; unpaired:
+    {prompt_ids, completion_ids, label, kl_completion_ids}. Validation stays paired when the
+    source is paired (held-out pair accuracy), also for KTO."""
+
+    train: list[dict]
+    val: list[dict]
+    stats: dict
+    stats_line: str
+
+
+def load_preference_data(cfg: DataConfig, algo: DPOConfig, tokenizer, seed: int) -> PreferenceData:
+    """Read, split deterministically and tokenize `cfg.source` for `algo.loss`."""
+    from align.data import DataStats, KTOExample, build_split, tokenize_kto, tokenize_pairs
+
+    stats = DataStats()
+    train, val = build_split(
+        cfg.source, cfg.format, val_fraction=cfg.val_fraction, val_size=cfg.val_size, seed=cfg.seed,
+        columns=dict(cfg.columns), on_error=cfg.on_error, limit=cfg.limit, split=cfg.split, stats=stats,
+    )
+    paired = not any(isinstance(x, KTOExample) for x in train + val)
+    kto = algo.loss == "kto"
+    if kto and paired and not algo.unpair:
+        raise ValueError("algo.loss=kto needs unpaired data (data.format=kto), or algo.unpair=true to split "
+                         f"each {cfg.format!r} pair into a desirable and an undesirable example")
+    if not kto and not paired:
+        raise ValueError(f"algo.loss={algo.loss!r} needs preference pairs; data.format={cfg.format!r} is unpaired")
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+              max_response_length=cfg.max_response_length, overlong=cfg.overlong, stats=stats)
+    tokenize = tokenize_pairs if paired else tokenize_kto
+    train_items, val_items = tokenize(train, tokenizer, **kw), tokenize(val, tokenizer, **kw)
+    if kto:
+        train_items = unpair(train_items) if paired else train_items
+        for items in [train_items] if paired else [train_items, val_items]:
+            assign_mismatched(items, cfg.max_length, seed)
+    if not train_items:
+        raise ValueError(f"data.source {cfg.source}: no training examples left; {stats.summary()}")
+    return PreferenceData(train_items, val_items, stats.as_dict(), stats.summary())
+
+
+def item_sequences(item: dict) -> list[tuple[list[int], list[int]]]:
+    """The (prompt, response) sequences of one item whose log-probs a loss needs."""
+    if "chosen_ids" in item:
+        return [(item["prompt_ids"], item["chosen_ids"]), (item["prompt_ids"], item["rejected_ids"])]
+    return [(item["prompt_ids"], item["completion_ids"]), (item["prompt_ids"], item["kl_completion_ids"])]
+
+
+def precompute_reference(model, items: list[dict], cfg: RunConfig, tokenizer) -> bool:
+    """Store the reference log-probs of every item's sequences in the item (`ref`: a pair
+    (chosen, rejected) or (completion, mismatched)); returns whether the disk cache had them."""
+    algo = cfg.algo
+    seqs = [s for item in items for s in item_sequences(item)]
+    cache_dir = (algo.reference_cache_dir or default_cache_dir()) if algo.reference_cache else None
+    logps, hit = reference_logps(model, seqs, model_cfg=cfg.model, tokenizer=tokenizer,
+                                 batch_size=algo.reference_batch_size, cache_dir=cache_dir,
+                                 description=f"{cfg.data.source} ({len(items)} items)")
+    for item, pair in zip(items, logps.view(-1, 2).tolist()):
+        item["ref"] = pair
+    return hit
+
+
+# ------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class PairBatch:
+    """B preference pairs, each prompt stored once.
+
+    prompt_ids, prompt_mask: (B, P), right-padded.
+    response_ids, response_mask: (2B, R), right-padded; row 2b is pair b's chosen response,
+        row 2b + 1 its rejected one.
+    ref_logps: (2B,) reference log-probs in the same row order, or None (not precomputed).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    ref_logps: torch.Tensor | None
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"prompt_ids": self.prompt_ids, "prompt_mask": self.prompt_mask,
+                "response_ids": self.response_ids, "response_mask": self.response_mask}
+
+    @property
+    def chosen_tokens(self) -> float:
+        return float(self.response_mask[0::2].sum())
+
+
+@dataclass
+class UnpairedBatch:
+    """B unpaired (KTO) examples, and the same prompts with mismatched completions.
+
+    input_ids, attention_mask, loss_mask: (B, T), right-padded; loss_mask 1 on completion tokens.
+    desirable: (B,) bool.
+    kl_input_ids, kl_attention_mask, kl_loss_mask: (B, T') prompt i + another prompt's completion.
+    ref_logps, kl_ref_logps: (B,) reference log-probs of both, or None (not precomputed).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    desirable: torch.Tensor
+    kl_input_ids: torch.Tensor
+    kl_attention_mask: torch.Tensor
+    kl_loss_mask: torch.Tensor
+    ref_logps: torch.Tensor | None
+    kl_ref_logps: torch.Tensor | None
+
+
+def collate(items: list[dict], pad_id: int, device: torch.device) -> PairBatch | UnpairedBatch:
+    """Pad a list of items into the batch type of their kind, on `device`."""
+    ref = torch.tensor([x["ref"] for x in items], dtype=torch.float32) if "ref" in items[0] else None  # (B, 2)
+
+    def on_device(tensors: dict) -> dict:
+        return {k: v.to(device) for k, v in tensors.items()}
+
+    if "chosen_ids" in items[0]:
+        responses = [r for x in items for r in (x["chosen_ids"], x["rejected_ids"])]
+        batch = on_device(collate_shared([x["prompt_ids"] for x in items], responses, pad_id))
+        return PairBatch(**batch, ref_logps=None if ref is None else ref.reshape(-1).to(device))
+    seqs = [item_sequences(x) for x in items]
+    first, second = on_device(collate_sequences([s[0] for s in seqs], pad_id)), \
+        on_device(collate_sequences([s[1] for s in seqs], pad_id))
+    return UnpairedBatch(
+        **first, desirable=torch.tensor([bool(x["label"]) for x in items], device=device),
+        kl_input_ids=second["input_ids"], kl_attention_mask=second["attention_mask"],
+        kl_loss_mask=second["loss_mask"],
+        ref_logps=None if ref is None else ref[:, 0].to(device),
+        kl_ref_logps=None if ref is None else ref[:, 1].to(device),
+    )
+
+
+class OnlineReference:
+    """Reference log-probs per batch (precompute_reference=false): the policy with its adapters
+    off (LoRA), or a frozen copy of the initial weights (full fine-tuning)."""
+
+    def __init__(self, policy: torch.nn.Module, lora: bool):
+        self.model = policy if lora else copy.deepcopy(policy).requires_grad_(False)
+
+    def __call__(self, logps_fn, *args, **kwargs) -> torch.Tensor:
+        with reference_mode(self.model):
+            return logps_fn(self.model, *args, **kwargs)[0]
+
+
+# ---------------------------------------------------------------------------------- the losses
+
+
+def loss_options(algo: DPOConfig, loss_fn) -> dict:
+    """The config's loss-specific keywords that `loss_fn` accepts (gamma for SimPO, ...)."""
+    options = {"label_smoothing": algo.label_smoothing, "gamma": algo.simpo_gamma,
+               "desirable_weight": algo.desirable_weight, "undesirable_weight": algo.undesirable_weight}
+    accepted = inspect.signature(loss_fn).parameters
+    return {k: v for k, v in options.items() if k in accepted}
+
+
+class PreferenceObjective:
+    """The configured loss on batches: policy log-probs, reference log-probs, loss, statistics."""
+
+    def __init__(self, algo: DPOConfig, reference: OnlineReference | None):
+        self.algo, self.reference = algo, reference
+        self.loss_fn = PREFERENCE_LOSSES.get(algo.loss)
+        self.options = loss_options(algo, self.loss_fn)
+        self.uses_reference = algo.loss not in REFERENCE_FREE_LOSSES
+        self.pair_logps = shared_prompt_logps if algo.share_prompt else concatenated_logps
+
+    def ref(self, precomputed: torch.Tensor | None, logps_fn, *args, **kwargs) -> torch.Tensor | None:
+        """Reference log-probs: precomputed, or from the per-batch reference; None if the loss
+        has no reference."""
+        if not self.uses_reference:
+            return None
+        return precomputed if precomputed is not None else self.reference(logps_fn, *args, **kwargs)
+
+    def pair_logps_of(self, model, batch: PairBatch):
+        """(policy logps, lengths, reference logps or None), each (2B,) in the batch's row order."""
+        logps, lengths = self.pair_logps(model, **batch.tensors, k=2)
+        return logps, lengths, self.ref(batch.ref_logps, self.pair_logps, **batch.tensors, k=2)
+
+    def pairs(self, pc, pr, lc, lr, rc, rr) -> tuple[torch.Tensor, dict]:
+        """The loss over pairs from their (B,) log-probs and lengths, statistics renamed for logs."""
+        loss, stats = self.loss_fn(pc, pr, rc, rr, lc, lr, beta=self.algo.beta, **self.options)
+        out = {STAT_NAMES.get(k, k): v for k, v in stats.items()}
+        out.update({"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean(),
+                    "nll": -pc.detach().sum() / lc.sum().clamp_min(1)})
+        return loss, out
+
+    def pair_step_share(self, model, batch: PairBatch, share: float, token_share: float):
+        """This micro-batch's part of the step loss: its mean loss times `share` (its pairs / the
+        step's pairs); a token-mean NLL is re-weighted by `token_share` (its chosen tokens / the
+        step's chosen tokens) instead."""
+        logps, lengths, ref = self.pair_logps_of(model, batch)  # (2B,): chosen at even rows, rejected at odd
+        rc, rr = (None, None) if ref is None else (ref[0::2], ref[1::2])
+        loss, stats = self.pairs(logps[0::2], logps[1::2], lengths[0::2], lengths[1::2], rc, rr)
+        loss = loss * share
+        if self.algo.loss in TOKEN_MEAN_NLL:
+            nll = -logps[0::2].sum() / lengths[0::2].sum().clamp_min(1)
+            loss = loss + nll * (token_share - share)
+        return loss, stats
+
+    def kto_point(self, model, micro: list[UnpairedBatch]) -> torch.Tensor:
+        """z0 for the whole step, from every micro-batch's mismatched pairs, without gradient."""
+        with torch.no_grad():
+            policy = torch.cat([response_logps(model, b.kl_input_ids, b.kl_attention_mask, b.kl_loss_mask)[0]
+                                for b in micro])
+        ref = torch.cat([self.ref(b.kl_ref_logps, response_logps, b.kl_input_ids, b.kl_attention_mask,
+                                  b.kl_loss_mask) for b in micro])
+        return kto_reference_point(policy, ref)
+
+    def unpaired_step_share(self, model, batch: UnpairedBatch, z0: torch.Tensor, share: float):
+        logps, _ = response_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)  # (B,)
+        ref = self.ref(batch.ref_logps, response_logps, batch.input_ids, batch.attention_mask, batch.loss_mask)
+        loss, stats = self.loss_fn(logps, ref, batch.desirable, z0, beta=self.algo.beta, **self.options)
+        out = {STAT_NAMES.get(k, k): v for k, v in stats.items()}
+        out.update({"logps/chosen": masked_mean(logps.detach(), batch.desirable),
+                    "logps/rejected": masked_mean(logps.detach(), ~batch.desirable)})
+        return loss * share, out
+
+
+def step_loss(objective: PreferenceObjective, model, micro: list) -> tuple[float, dict]:
+    """Forward and backward every micro-batch of one optimizer step; returns the step's loss and
+    its statistics (means over the step)."""
+    if isinstance(micro[0], PairBatch):
+        chosen_tokens = [b.chosen_tokens for b in micro]
+        parts = (objective.pair_step_share(model, b, 1 / len(micro), n / sum(chosen_tokens))
+                 for b, n in zip(micro, chosen_tokens))
+    else:
+        z0 = objective.kto_point(model, micro)
+        parts = (objective.unpaired_step_share(model, b, z0, 1 / len(micro)) for b in micro)
+    total, stats = 0.0, {}
+    for loss, micro_stats in parts:
+        loss.backward()
+        total += float(loss.detach())
+        for k, v in micro_stats.items():
+            stats[k] = stats.get(k, 0.0) + float(v) / len(micro)
+    return total, stats
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, objective: PreferenceObjective, items: list[dict], pad_id: int, batch_size: int) -> dict:
+    """Held-out metrics over `items`, computed on the whole set at once (not batch means).
+
+    Pairs: the loss and its implicit-reward statistics (for KTO, whose implicit reward
+    beta log pi/pi_ref is DPO's, the sigmoid loss's statistics without its loss value), the
+    summed log-probs, `logp_accuracy` (the fraction of pairs whose chosen response has the
+    higher mean per-token log-prob) and the chosen responses' NLL per token.
+    Unpaired (KTO data): the KTO loss with z0 from the held-out mismatched pairs.
+    """
+    if not items:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    cols: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(items), batch_size):
+        b = collate(items[i : i + batch_size], pad_id, device)
+        if isinstance(b, PairBatch):
+            logps, lengths, ref = objective.pair_logps_of(model, b)
+            parts = dict(pc=logps[0::2], pr=logps[1::2], lc=lengths[0::2], lr=lengths[1::2],
+                         rc=None if ref is None else ref[0::2], rr=None if ref is None else ref[1::2])
+        else:
+            main, kl = (b.input_ids, b.attention_mask, b.loss_mask), (b.kl_input_ids, b.kl_attention_mask, b.kl_loss_mask)
+            parts = dict(logps=response_logps(model, *main)[0], ref=objective.ref(b.ref_logps, response_logps, *main),
+                         kl=response_logps(model, *kl)[0], kl_ref=objective.ref(b.kl_ref_logps, response_logps, *kl),
+                         desirable=b.desirable)
+        for k, v in parts.items():
+            if v is not None:
+                cols.setdefault(k, []).append(v)
+    model.train(was_training)
+    t = {k: torch.cat(v) for k, v in cols.items()}
+    if "pc" not in t:
+        loss, stats = objective.loss_fn(t["logps"], t["ref"], t["desirable"], kto_reference_point(t["kl"], t["kl_ref"]),
+                                        beta=objective.algo.beta, **objective.options)
+        return {"loss": float(loss), **{STAT_NAMES.get(k, k): float(v) for k, v in stats.items()}}
+    pairs = objective if objective.algo.loss != "kto" else _dpo_statistics(objective.algo)
+    loss, stats = pairs.pairs(t["pc"], t["pr"], t["lc"], t["lr"], t.get("rc"), t.get("rr"))
+    out = {k: float(v) for k, v in stats.items()}
+    if objective.algo.loss != "kto":
+        out["loss"] = float(loss)
+    out["logp_accuracy"] = float((t["pc"] / t["lc"].clamp_min(1) > t["pr"] / t["lr"].clamp_min(1)).float().mean())
+    return out
+
+
+def _dpo_statistics(algo: DPOConfig) -> PreferenceObjective:
+    return PreferenceObjective(DPOConfig(loss="sigmoid", beta=algo.beta, share_prompt=algo.share_prompt), reference=None)
+
+
+def _prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+
+# -------------------------------------------------------------------------------------- driver
+
+
+def train(cfg: RunConfig, hydra_cfg=None) -> dict:
+    """Run the configured preference loss; returns the summary (also written to summary.json)."""
+    tcfg, algo = cfg.trainer, cfg.algo
+    # 1. Run directory, seed and threads.
+    out = prepare_output_dir(cfg.output_dir, cfg, hydra_cfg)
+    set_threads(tcfg.num_threads)
+    seed_everything(cfg.seed)
+
+    # 2. One model: the policy (full fine-tuning, or a LoRA adapter over the frozen base).
+    model, tokenizer = build_policy(cfg.model)
+    model.train()
+    device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
+
+    # 3. Data: pairs (or unpaired KTO examples), split deterministically, tokenized.
+    data = load_preference_data(cfg.data, algo, tokenizer, cfg.seed)
+    val_items = data.val[: tcfg.eval_batches * tcfg.batch_size]
+    order = EpochBatches(len(data.train), tcfg.batch_size, seed=cfg.seed)
+
+    # 4. The reference, before any update: precomputed once (or read from the disk cache), or a
+    #    per-batch reference; none for reference-free losses.
+    reference, ref_note = None, "none (reference-free loss)"
+    if algo.loss not in REFERENCE_FREE_LOSSES and algo.precompute_reference:
+        t0 = time.perf_counter()
+        hit = precompute_reference(model, data.train + val_items, cfg, tokenizer)
+        ref_note = f"{'read from cache' if hit else 'precomputed'} in {time.perf_counter() - t0:.1f}s"
+    elif algo.loss not in REFERENCE_FREE_LOSSES:
+        reference = OnlineReference(model, lora=cfg.model.finetune == "lora")
+        ref_note = "computed per batch"
+    objective = PreferenceObjective(algo, reference)
+
+    # 5. Optimizer, schedule, and resume from the newest checkpoint when there is one.
+    optimizer = build_optimizer(model.named_parameters(), tcfg)
+    scheduler = build_scheduler(optimizer, tcfg)
+    ckpt = Checkpointer(out, keep=tcfg.keep_checkpoints)
+    resume_from = ckpt.latest() if tcfg.resume == "auto" else (None if tcfg.resume == "never" else Path(tcfg.resume))
+    start, state = 0, {}
+    if resume_from is not None:
+        state, _ = ckpt.load(Path(resume_from), model=model, optimizers={"policy": optimizer},
+                             schedulers={"policy": scheduler})
+        start = state["step"]
+        order.load_state_dict(state["data"])
+    log = RunLogger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress, desc=f"dpo/{algo.loss}",
+                    headline=("loss", "rewards/accuracy", "val/rewards/accuracy", "samples_per_s"))
+    log.write(f"data: {data.stats_line}; train {len(data.train)} items, val {len(val_items)}; reference: {ref_note}")
+    if resume_from is not None:
+        log.write(f"resumed from {resume_from} at step {start}")
+        val_before = state["val_before"]
+    else:
+        val_before = evaluate(model, objective, val_items, pad_id, tcfg.batch_size)
+        log.log(0, _prefixed("val", val_before))
+
+    # 6. The loop: micro-batches -> loss share -> backward; clip, step; evaluate, checkpoint.
+    val_after = val_before
+    for step in range(start + 1, tcfg.max_steps + 1):
+        t0 = time.perf_counter()
+        micro = [collate([data.train[i] for i in order.next()], pad_id, device) for _ in range(tcfg.grad_accum)]
+        loss, stats = step_loss(objective, model, micro)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"dpo: loss is {loss} at step {step}; last checkpoint kept in {ckpt.root}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        metrics = {"loss": loss, **stats, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "samples_per_s": tcfg.batch_size * tcfg.grad_accum / seconds, "epoch": order.epoch}
+        if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
+            val_after = evaluate(model, objective, val_items, pad_id, tcfg.batch_size)
+            metrics.update(_prefixed("val", val_after))
+        log.log(step, metrics, advance=1)
+        if step % tcfg.save_every == 0 or step == tcfg.max_steps:
+            ckpt.save(step, model=model, optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
+                      trainer_state={"data": order.state_dict(), "val_before": val_before})
+    log.close()
+
+    # 7. Save the final model (or adapter) with its tokenizer, and the summary.
+    model.save_pretrained(out / "final")
+    tokenizer.save_pretrained(out / "final")
+    summary = {"algo": "dpo", "loss": algo.loss, "steps": tcfg.max_steps, "val_before": val_before,
+               "val_after": val_after, "train_items": len(data.train), "val_items": len(val_items),
+               "reference": ref_note, "data": data.stats, "output_dir": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    acc = "rewards/accuracy"
+    print(f"DPO ({algo.loss}) done: held-out accuracy {val_before.get(acc, float('nan')):.3f} -> "
+          f"{val_after.get(acc, float('nan')):.3f}  (outputs in {out})")
+    return summary
