@@ -21,20 +21,21 @@ from __future__ import annotations
 import torch
 
 from align.config import RunConfig
-from align.core import ADVANTAGE_ESTIMATORS
+from align.core import ADVANTAGE_ESTIMATORS, group_index
 from align.trainers.rl import RLRun
+from align.workers.batch import Experience
 from align.workers.worker import ActorLoss
 
 
-def filter_zero_variance_groups(batch, advantages_stats=None):
-    """Rows of the groups whose scores are not all equal (those carry no GRPO signal)."""
-    keep = []
-    for g in batch.group_ids.unique().tolist():
-        rows = (batch.group_ids == g).nonzero().squeeze(-1)
-        scores = batch.scores[rows]
-        if bool(scores.max() > scores.min()):
-            keep.extend(rows.tolist())
-    return batch.select(sorted(keep))
+def filter_zero_variance_groups(batch: Experience) -> Experience:
+    """The rows of the groups whose scores are not all equal, in order. A group that scored every
+    sample the same has zero advantage under any group baseline: it adds nothing to the gradient
+    and only dilutes the loss normaliser (DAPO, arXiv:2503.14476, Sec. 3.2)."""
+    index, k = group_index(batch.group_ids, len(batch))  # (B,) dense group index
+    group_max = batch.scores.new_full((k,), -torch.inf).scatter_reduce(0, index, batch.scores, "amax")
+    group_min = batch.scores.new_full((k,), torch.inf).scatter_reduce(0, index, batch.scores, "amin")
+    keep = (group_max > group_min)[index]  # (B,)
+    return batch.select(keep.nonzero().squeeze(-1))
 
 
 def train(cfg: RunConfig, hydra_cfg=None) -> dict:
@@ -61,6 +62,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             batch = batch.replace(advantages=advantages[:, None] * batch.response_mask)  # (B, R)
             if algo.filter_zero_variance:
                 batch = filter_zero_variance_groups(batch)
+                metrics["filtered_frac"] = 1.0 - len(batch) / (len(items) * algo.num_generations)
             # 5. Reference log-probs (and old log-probs when the update is off-policy): one fused pass.
             roles = (("reference",) if algo.kl_coef > 0 else ()) + (("actor",) if run.recompute_old_logp(len(batch)) else ())
             with run.phase("reference"):

@@ -24,7 +24,7 @@ from align.config import RunConfig
 from align.trainers.checkpoint import STATE, Checkpointer, rng_state, set_rng_state
 from align.trainers.common import EpochBatches, prepare_output_dir, seed_everything, set_threads
 from align.trainers.metrics import RunLogger
-from align.workers.batch import Experience
+from align.workers.batch import Experience, shard_bounds
 from align.workers.group import WorkerDiedError, build_placement
 from align.workers.worker import WorkerSpec, combine_stats
 
@@ -185,7 +185,7 @@ class RLRun:
         params = dict(n=n, temperature=r.temperature if temperature is None else temperature, top_p=r.top_p,
                       top_k=r.top_k, max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
         group = self.placement.actor
-        bounds = _bounds(len(items), group.size)
+        bounds = shard_bounds(len(items), group.size)
         per_rank = [
             ([items[i]["prompt_ids"] for i in range(a, b)], list(range(a, b)),
              SamplingParams(**params, seed=(seed * 1_000_003 + rank) % 2**31))
@@ -376,16 +376,6 @@ def dispatch_updates(roles: dict[str, tuple[Any, Any]], minibatches: Sequence[Ex
     for role, group, refs in pending:
         metrics.update(combine_stats(group.get(refs, f"update_{role}"), prefix=role))
     return metrics
-
-
-def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
-    base, extra = divmod(n, parts)
-    out, start = [], 0
-    for i in range(parts):
-        stop = start + base + (1 if i < extra else 0)
-        out.append((start, stop))
-        start = stop
-    return out
 
 
 def _fsync_tree(path: Path) -> None:

@@ -133,13 +133,7 @@ class Experience:
     def chunk(self, n: int) -> list["Experience"]:
         """`n` consecutive shards of near-equal size (the first len % n get one extra row); a
         shard may be empty when there are fewer rows than shards."""
-        base, extra = divmod(len(self), n)
-        bounds, start = [], 0
-        for i in range(n):
-            stop = start + base + (1 if i < extra else 0)
-            bounds.append((start, stop))
-            start = stop
-        return [self.select(range(a, b)) for a, b in bounds]
+        return [self.select(range(a, b)) for a, b in shard_bounds(len(self), n)]
 
     def trim(self) -> "Experience":
         """Drop prompt columns that are padding in every row (left) and response columns that are
@@ -198,6 +192,18 @@ class Experience:
         order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
         size = math.ceil(len(self) / num)
         return [self.select(order[i : i + size]) for i in range(0, len(self), size)]
+
+
+def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """[start, stop) of `parts` consecutive near-equal pieces of n items (the first n % parts get
+    one more)."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
 
 
 def _pad_to(x: Tensor, width: int, *, left: bool) -> Tensor:

@@ -242,10 +242,10 @@ class ModelWorker:
         return [p.detach().clone() for p in self.model.trainable_parameters(role)]
 
     def sync_rollout(self) -> int:
-        """Bring the rollout engine up to date with the actor; returns the bytes a remote engine
-        would receive. The HF engine generates with the actor's own parameters (a no-op copy)."""
-        if self.engine is None:
-            return 0
+        """Bring the rollout engine up to date with the actor; returns the bytes copied. The
+        colocated HF engine generates with the actor's own parameters, so nothing is copied."""
+        if self.engine is None or self.engine.role is not None:
+            return 0  # no engine here, or it runs the actor's own parameters: nothing moves
         if self.model.is_lora:
             sd = self.model.sync_state_dict("actor")
             self.engine.update_weights(lora=sd)
