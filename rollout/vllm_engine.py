@@ -33,7 +33,7 @@ the engine starts. Known limits of the CPU build: head_dim must be one of 32, 64
 (stories260K's 8 fails at the first generate), and `max_loras` must be >= 2 (with 1, requests
 without an adapter batched beside adapter requests wrongly get the adapter).
 
-Tested: on CPU by tests/vllm (scripts/test_vllm.sh), in-process and, by hand, with the engine
+Tested: on CPU by tests/vllm_backend (scripts/test_vllm.sh), in-process and, by hand, with the engine
 core in its own process; on GPU by scripts/gpu_check.sh, which runs this same code.
 """
 

