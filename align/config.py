@@ -315,7 +315,7 @@ class RLConfig(AlgoConfig):
     """Settings every online RL driver (GRPO, PPO) shares; see align/trainers/rl.py.
 
     rollout_batch_size: prompts per iteration; each gets `num_generations` samples.
-    num_generations: samples per prompt (GRPO's group size G).
+    num_generations: samples per prompt (GRPO's group size G); `rollout.n` is not used by RL runs.
     ppo_epochs: passes over the iteration's samples; minibatch_size: samples per optimizer step
         (null: all of them, one step per epoch). Each worker runs its share of a minibatch in
         micro-batches of `trainer.batch_size` rows (gradient accumulation).
