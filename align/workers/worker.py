@@ -96,6 +96,7 @@ class ModelWorker:
         torch.set_num_threads(max(1, spec.num_threads))
         seed_everything(spec.seed)
         self.model, self.tokenizer = build_role_model(spec)
+        self.device = next(self.model.parameters()).device  # batches arrive on the CPU
         self.engine = None
         if "actor" in self.model.roles:
             from rollout.hf import HFEngine
@@ -156,12 +157,12 @@ class ModelWorker:
         out: dict[str, list[Tensor]] = {ROLE_FIELDS[r]: [] for r in roles}
         R = batch.response_ids.shape[1]
         for part in batch.split(self.spec.forward_batch_size) if len(batch) else []:
-            part = part.trim()
+            part = part.trim().to(self.device)
             res = self.model.multi_role_forward(part.input_ids, part.attention_mask, roles=tuple(roles))
             for role, value in res.items():
                 if role != "reward":
                     value = _pad_to(value[:, part.response_slice].float(), R, left=False)
-                out[ROLE_FIELDS[role]].append(value.float())
+                out[ROLE_FIELDS[role]].append(value.float().cpu())
         return {k: torch.cat(v) if v else torch.zeros(0, R) for k, v in out.items()}
 
     # ---- updates --------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class ModelWorker:
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for micro in mb.split(micro_batch_size) if len(mb) else []:
-                micro = micro.trim()
+                micro = micro.trim().to(self.device)
                 loss, micro_stats = micro_loss(micro, normaliser)
                 loss.backward()
                 loss_sum += float(loss.detach())
@@ -239,7 +240,7 @@ class ModelWorker:
     # ---- state ---------------------------------------------------------------------------------
     def trainable_state(self, role: str) -> list[Tensor]:
         """Copies of `role`'s trainable tensors, in `trainable_parameters` order (for tests)."""
-        return [p.detach().clone() for p in self.model.trainable_parameters(role)]
+        return [p.detach().cpu().clone() for p in self.model.trainable_parameters(role)]
 
     def sync_rollout(self) -> int:
         """Bring the rollout engine up to date with the actor; returns the bytes copied. The
