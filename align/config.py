@@ -439,6 +439,35 @@ ALGO_SCHEMAS["ppo"] = PPOConfig
 
 
 @dataclass(frozen=True)
+class RMConfig(AlgoConfig):
+    """Reward-model training (align/trainers/rm.py): Bradley-Terry loss on preference pairs.
+
+    The model is a `reward` LoRA adapter plus a score head on the base (model.finetune=lora) or
+    the whole model plus a score head (model.finetune=full).
+    margin: null (plain Bradley-Terry, InstructGPT Eq. 1), a number (the same margin m for every
+        pair), or the name of a data column holding each pair's margin (Llama 2 Eq. 2:
+        -log sigmoid(s_w - s_l - m)).
+    export: also write `reward_model/`, an `AutoModelForSequenceClassification` folder.
+    """
+
+    name: str = "rm"
+    margin: Any = None
+    export: bool = True
+
+    def __post_init__(self):
+        m = self.margin
+        if isinstance(m, bool) or not (m is None or isinstance(m, (int, float, str))):
+            raise ConfigError(f"algo.margin: expected null, a number or a column name, got {m!r}")
+        if isinstance(m, str) and not m.strip():
+            raise ConfigError("algo.margin: an empty column name; use null for no margin")
+        if isinstance(m, (int, float)) and not float("-inf") < m < float("inf"):
+            raise ConfigError(f"algo.margin: must be finite, got {m!r}")
+
+
+ALGO_SCHEMAS["rm"] = RMConfig
+
+
+@dataclass(frozen=True)
 class QuantizeConfig(AlgoConfig):
     """Quantization stage (align/quantize.py): weight-only int8 / int4 of a merged model, with
     its size, held-out perplexity and generation speed against the unquantized model.

@@ -10,6 +10,7 @@ TRAINERS = {
     "grpo": "align.trainers.grpo",
     "ppo": "align.trainers.ppo",
     "dpo": "align.trainers.dpo",
+    "rm": "align.trainers.rm",
 }
 
 
