@@ -79,4 +79,4 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             metrics.update({f"adv/{k}": float(v) for k, v in adv_stats.items()})
             metrics.update(run.batch_metrics(batch))
             run.end_step(step, metrics, trainer_state={})
-        return run.summary()
+        return run.summary(export_dir=run.export())

@@ -88,4 +88,4 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             metrics.update(run.batch_metrics(batch))
             kl_ctl.update(float(kl_stats["kl"]), len(batch))
             run.end_step(step, metrics, trainer_state={"kl_coef": kl_ctl.value})
-        return run.summary()
+        return run.summary(export_dir=run.export())

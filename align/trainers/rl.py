@@ -320,6 +320,12 @@ class RLRun:
         self.order.load_state_dict(state["data"])
         return state
 
+    def export(self) -> str:
+        """The trained actor, merged, as a Hugging Face folder `<output_dir>/final`."""
+        path = str(self.out / "final")
+        self.placement.actor.call("export_actor", path)
+        return path
+
     def summary(self, **extra) -> dict:
         """Mean seconds per phase over the steps this process ran, plus `extra`; also written to
         summary.json."""

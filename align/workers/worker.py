@@ -266,6 +266,14 @@ class ModelWorker:
         torch.save({"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                     "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}, out / OPTIMIZER_FILE)
 
+    def export_actor(self, path: str) -> str | None:
+        """Rank 0 writes the trained actor as a Hugging Face folder (the LoRA adapter merged
+        into the base) with its tokenizer: what `from_pretrained`, quantization and serving load."""
+        if self.rank != 0:
+            return None
+        self.model.export_merged_actor(path, self.tokenizer)
+        return path
+
     def load(self, path: str) -> None:
         """Restore what `save` wrote (every replica loads the same files)."""
         self.model.load(path)

@@ -45,6 +45,15 @@ def test_grpo_raises_heldout_story_reward(ray_cluster, tmp_path):
     assert rows[-1]["actor/kl_loss"] > 0 and "rollout_logp_mismatch" not in rows[-1]
     assert (tmp_path / "checkpoints" / "step_10" / "workers" / "model" / "actor" / "adapter_model.safetensors").exists()
     assert set(summary["seconds_per_step"]) >= {"generate", "reward", "reference", "update", "sync", "step"}
+    # the trained actor, LoRA merged, loads as a plain Hugging Face model and is not the base
+    from transformers import AutoModelForCausalLM
+
+    from align.config import shared_data_dir
+
+    final = AutoModelForCausalLM.from_pretrained(summary["export_dir"]).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(f"{shared_data_dir()}/models/stories260K").state_dict()
+    assert final.keys() == base.keys()
+    assert max(float((final[k] - base[k]).abs().max()) for k in base) > 1e-4
 
 
 def test_filter_zero_variance_groups_keeps_only_groups_with_signal():
