@@ -85,6 +85,12 @@ class RLRun:
     def __init__(self, cfg: RunConfig, hydra_cfg, *, roles: Sequence[str], headline: Sequence[str]):
         from align.models.loading import load_tokenizer
 
+        if cfg.rollout.backend != "hf":
+            from align.config import ConfigError
+
+            raise ConfigError(f"rollout.backend: {cfg.rollout.backend!r} is not wired into RL workers yet; they "
+                              "generate with the HF engine over the shared model (rollout=hf). vLLM serves "
+                              "through `python -m align.serve --backend vllm` and rollout.vllm_engine.")
         self.cfg, self.algo, self.tcfg = cfg, cfg.algo, cfg.trainer
         self.out = prepare_output_dir(cfg.output_dir, cfg, hydra_cfg)
         set_threads(self.tcfg.num_threads)

@@ -44,3 +44,13 @@ def test_unknown_estimator_lists_the_valid_ones():
 def test_bad_ppo_values_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         PPOConfig(**kwargs)
+
+
+def test_vllm_rollout_backend_is_refused_for_rl_until_wired(tmp_path):
+    """RL workers generate with the HF engine; asking for vLLM must fail loudly, not be ignored."""
+    from align.config import ConfigError, compose
+    from align.trainers.rl import RLRun
+
+    cfg, raw = compose(["algo=grpo", "rollout=vllm", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="rollout.backend"):
+        RLRun(cfg, raw, roles=("actor",), headline=("reward/mean",))
