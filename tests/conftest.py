@@ -29,3 +29,24 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def stories_path(shared_data) -> str:
     return str(STORIES)
+
+
+# After the whole suite has finished and pytest has printed its summary, the interpreter's
+# teardown can crash in native code (seen once: exit 139 after "518 passed", with Ray's gRPC
+# threads, torch.distributed and bitsandbytes all loaded in one process). Leave with pytest's
+# own exit status instead, so a crash after the verdict cannot turn it into a failure, and a
+# failure is still reported as one. Known issue, see the closing note.
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+def pytest_unconfigure(config):
+    if _EXIT_STATUS and os.environ.get("ALIGN_PYTEST_HARD_EXIT", "1") == "1":
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[0])
