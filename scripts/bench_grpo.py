@@ -162,7 +162,7 @@ class WorkerPeakRSS(threading.Thread):
                 continue
 
 
-def run_ours(args) -> dict:
+def run_ours(args, scratch: str) -> dict:
     """Our driver end to end (align.trainers.grpo.train). Each step is stamped as it enters
     `RLRun.end_step` (wrapped here, before any evaluation or checkpoint); phases from metrics.jsonl."""
     from align.config import compose
@@ -177,7 +177,7 @@ def run_ours(args) -> dict:
         return end_step(run, step, *a, **k)
 
     rl.RLRun.end_step = stamped_end_step
-    out = tempfile.mkdtemp(prefix="bench_grpo_ours_")
+    out = os.path.join(scratch, "run")
     cfg, _ = compose(our_overrides(args, out))
     rss = WorkerPeakRSS(out)
     rss.start()
@@ -199,7 +199,7 @@ def run_ours(args) -> dict:
             "worker_peak_rss_mb": {k: round(v, 1) for k, v in rss.peak_mb.items()}}
 
 
-def run_trl(args) -> dict:
+def run_trl(args, scratch: str) -> dict:
     """TRL's GRPOTrainer on the same prompts and settings; step times from a callback."""
     import torch
     import trl
@@ -212,7 +212,7 @@ def run_trl(args) -> dict:
     from align.trainers.rl import load_prompts
     from rewards import get_reward
 
-    cfg, _ = compose(our_overrides(args, tempfile.mkdtemp(prefix="bench_grpo_cfg_")))
+    cfg, _ = compose(our_overrides(args, os.path.join(scratch, "cfg")))
     tok = load_tokenizer(args.model)
     prompts = load_prompts(cfg, tok).train  # our train split, in file order (TRL shuffles it itself)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -265,7 +265,7 @@ def run_trl(args) -> dict:
             self.logs.append(dict(logs or {}))
 
     rows = args.prompts_per_step * args.num_generations
-    out = tempfile.mkdtemp(prefix="bench_grpo_trl_")
+    out = os.path.join(scratch, "run")
     config = GRPOConfig(
         output_dir=out, per_device_train_batch_size=rows, gradient_accumulation_steps=1, num_iterations=1,
         num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
@@ -391,7 +391,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps((run_ours if args.worker == "ours" else run_trl)(args)))
+        with tempfile.TemporaryDirectory(prefix=f"bench_grpo_{args.worker}_") as scratch:  # run folders go with it
+            print(json.dumps((run_ours if args.worker == "ours" else run_trl)(args, scratch)))
         return
 
     load_at_start = os.getloadavg()
