@@ -146,14 +146,27 @@ def item_sequences(item: dict) -> list[tuple[list[int], list[int]]]:
     return [(item["prompt_ids"], item["completion_ids"]), (item["prompt_ids"], item["kl_completion_ids"])]
 
 
-def precompute_reference(model, items: list[dict], cfg: RunConfig, tokenizer) -> bool:
+def precompute_reference(model, objective: "PreferenceObjective", groups: list[list[dict]], cfg: RunConfig,
+                         tokenizer) -> bool:
     """Store the reference log-probs of every item's sequences in the item (`ref`: a pair
-    (chosen, rejected) or (completion, mismatched)); returns whether the disk cache had them."""
-    algo = cfg.algo
-    seqs = [s for item in items for s in item_sequences(item)]
+    (chosen, rejected) or (completion, mismatched)); returns whether the disk cache had them.
+
+    Each group (training, held-out) is run in the chunks of `algo.reference_batch_size` items
+    that `evaluate` uses, through the same forward, so at step 0 the policy's held-out
+    log-probs equal the reference's exactly (implicit rewards 0, not rounding noise).
+    """
+    algo, device = cfg.algo, next(model.parameters()).device
+    size, pad = algo.reference_batch_size, tokenizer.pad_token_id
+    items = [x for group in groups for x in group]
+
+    def compute(m):
+        return torch.cat([objective.logps(m, collate(g[i : i + size], pad, device))[0]
+                          for g in groups for i in range(0, len(g), size)])
+
+    layout = f"share_prompt={algo.share_prompt} chunks={size} groups={[len(g) for g in groups]}"
     cache_dir = (algo.reference_cache_dir or default_cache_dir()) if algo.reference_cache else None
-    logps, hit = reference_logps(model, seqs, model_cfg=cfg.model, tokenizer=tokenizer,
-                                 batch_size=algo.reference_batch_size, cache_dir=cache_dir,
+    logps, hit = reference_logps(model, [s for x in items for s in item_sequences(x)], compute, model_cfg=cfg.model,
+                                 tokenizer=tokenizer, cache_dir=cache_dir, layout=layout,
                                  description=f"{cfg.data.source} ({len(items)} items)")
     for item, pair in zip(items, logps.view(-1, 2).tolist()):
         item["ref"] = pair
@@ -196,7 +209,7 @@ class UnpairedBatch:
     input_ids, attention_mask, loss_mask: (B, T), right-padded; loss_mask 1 on completion tokens.
     desirable: (B,) bool.
     kl_input_ids, kl_attention_mask, kl_loss_mask: (B, T') prompt i + another prompt's completion.
-    ref_logps, kl_ref_logps: (B,) reference log-probs of both, or None (not precomputed).
+    ref_logps: (2B,) reference log-probs, row 2i example i, row 2i + 1 its mismatched twin; or None.
     """
 
     input_ids: torch.Tensor
@@ -207,30 +220,24 @@ class UnpairedBatch:
     kl_attention_mask: torch.Tensor
     kl_loss_mask: torch.Tensor
     ref_logps: torch.Tensor | None
-    kl_ref_logps: torch.Tensor | None
 
 
 def collate(items: list[dict], pad_id: int, device: torch.device) -> PairBatch | UnpairedBatch:
-    """Pad a list of items into the batch type of their kind, on `device`."""
-    ref = torch.tensor([x["ref"] for x in items], dtype=torch.float32) if "ref" in items[0] else None  # (B, 2)
+    """Pad a list of items into the batch type of their kind, on `device`. Reference log-probs
+    (when the items carry them) come out (2B,) in `item_sequences` order."""
+    ref = torch.tensor([x["ref"] for x in items], dtype=torch.float32).reshape(-1).to(device) if "ref" in items[0] else None
 
     def on_device(tensors: dict) -> dict:
         return {k: v.to(device) for k, v in tensors.items()}
 
     if "chosen_ids" in items[0]:
         responses = [r for x in items for r in (x["chosen_ids"], x["rejected_ids"])]
-        batch = on_device(collate_shared([x["prompt_ids"] for x in items], responses, pad_id))
-        return PairBatch(**batch, ref_logps=None if ref is None else ref.reshape(-1).to(device))
+        return PairBatch(**on_device(collate_shared([x["prompt_ids"] for x in items], responses, pad_id)), ref_logps=ref)
     seqs = [item_sequences(x) for x in items]
-    first, second = on_device(collate_sequences([s[0] for s in seqs], pad_id)), \
-        on_device(collate_sequences([s[1] for s in seqs], pad_id))
-    return UnpairedBatch(
-        **first, desirable=torch.tensor([bool(x["label"]) for x in items], device=device),
-        kl_input_ids=second["input_ids"], kl_attention_mask=second["attention_mask"],
-        kl_loss_mask=second["loss_mask"],
-        ref_logps=None if ref is None else ref[:, 0].to(device),
-        kl_ref_logps=None if ref is None else ref[:, 1].to(device),
-    )
+    main, kl = on_device(collate_sequences([s[0] for s in seqs], pad_id)), on_device(collate_sequences([s[1] for s in seqs], pad_id))
+    return UnpairedBatch(**main, desirable=torch.tensor([bool(x["label"]) for x in items], device=device),
+                         kl_input_ids=kl["input_ids"], kl_attention_mask=kl["attention_mask"],
+                         kl_loss_mask=kl["loss_mask"], ref_logps=ref)
 
 
 class OnlineReference:
@@ -240,9 +247,9 @@ class OnlineReference:
     def __init__(self, policy: torch.nn.Module, lora: bool):
         self.model = policy if lora else copy.deepcopy(policy).requires_grad_(False)
 
-    def __call__(self, logps_fn, *args, **kwargs) -> torch.Tensor:
+    def __call__(self, logps_fn, batch) -> torch.Tensor:
         with reference_mode(self.model):
-            return logps_fn(self.model, *args, **kwargs)[0]
+            return logps_fn(self.model, batch)[0]
 
 
 # ---------------------------------------------------------------------------------- the losses
@@ -266,17 +273,21 @@ class PreferenceObjective:
         self.uses_reference = algo.loss not in REFERENCE_FREE_LOSSES
         self.pair_logps = shared_prompt_logps if algo.share_prompt else concatenated_logps
 
-    def ref(self, precomputed: torch.Tensor | None, logps_fn, *args, **kwargs) -> torch.Tensor | None:
-        """Reference log-probs: precomputed, or from the per-batch reference; None if the loss
-        has no reference."""
+    def logps(self, model, batch: PairBatch | UnpairedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2B,) summed log-probs and lengths of every sequence of the batch, in `item_sequences`
+        order: chosen, rejected of each pair; or completion, mismatched completion of each example."""
+        if isinstance(batch, PairBatch):
+            return self.pair_logps(model, **batch.tensors, k=2)
+        main = response_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+        kl = response_logps(model, batch.kl_input_ids, batch.kl_attention_mask, batch.kl_loss_mask)
+        return torch.stack([main[0], kl[0]], 1).reshape(-1), torch.stack([main[1], kl[1]], 1).reshape(-1)
+
+    def reference_logps(self, batch: PairBatch | UnpairedBatch) -> torch.Tensor | None:
+        """(2B,) reference log-probs in the same order: precomputed, or from the per-batch
+        reference; None when the loss has no reference."""
         if not self.uses_reference:
             return None
-        return precomputed if precomputed is not None else self.reference(logps_fn, *args, **kwargs)
-
-    def pair_logps_of(self, model, batch: PairBatch):
-        """(policy logps, lengths, reference logps or None), each (2B,) in the batch's row order."""
-        logps, lengths = self.pair_logps(model, **batch.tensors, k=2)
-        return logps, lengths, self.ref(batch.ref_logps, self.pair_logps, **batch.tensors, k=2)
+        return batch.ref_logps if batch.ref_logps is not None else self.reference(self.logps, batch)
 
     def pairs(self, pc, pr, lc, lr, rc, rr) -> tuple[torch.Tensor, dict]:
         """The loss over pairs from their (B,) log-probs and lengths, statistics renamed for logs."""
@@ -290,7 +301,8 @@ class PreferenceObjective:
         """This micro-batch's part of the step loss: its mean loss times `share` (its pairs / the
         step's pairs); a token-mean NLL is re-weighted by `token_share` (its chosen tokens / the
         step's chosen tokens) instead."""
-        logps, lengths, ref = self.pair_logps_of(model, batch)  # (2B,): chosen at even rows, rejected at odd
+        logps, lengths = self.logps(model, batch)  # (2B,): chosen at even rows, rejected at odd
+        ref = self.reference_logps(batch)
         rc, rr = (None, None) if ref is None else (ref[0::2], ref[1::2])
         loss, stats = self.pairs(logps[0::2], logps[1::2], lengths[0::2], lengths[1::2], rc, rr)
         loss = loss * share
@@ -299,19 +311,16 @@ class PreferenceObjective:
             loss = loss + nll * (token_share - share)
         return loss, stats
 
-    def kto_point(self, model, micro: list[UnpairedBatch]) -> torch.Tensor:
+    def kto_point(self, model, micro: list[UnpairedBatch], refs: list[torch.Tensor]) -> torch.Tensor:
         """z0 for the whole step, from every micro-batch's mismatched pairs, without gradient."""
         with torch.no_grad():
             policy = torch.cat([response_logps(model, b.kl_input_ids, b.kl_attention_mask, b.kl_loss_mask)[0]
                                 for b in micro])
-        ref = torch.cat([self.ref(b.kl_ref_logps, response_logps, b.kl_input_ids, b.kl_attention_mask,
-                                  b.kl_loss_mask) for b in micro])
-        return kto_reference_point(policy, ref)
+        return kto_reference_point(policy, torch.cat([ref[1::2] for ref in refs]))
 
-    def unpaired_step_share(self, model, batch: UnpairedBatch, z0: torch.Tensor, share: float):
+    def unpaired_step_share(self, model, batch: UnpairedBatch, ref: torch.Tensor, z0: torch.Tensor, share: float):
         logps, _ = response_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)  # (B,)
-        ref = self.ref(batch.ref_logps, response_logps, batch.input_ids, batch.attention_mask, batch.loss_mask)
-        loss, stats = self.loss_fn(logps, ref, batch.desirable, z0, beta=self.algo.beta, **self.options)
+        loss, stats = self.loss_fn(logps, ref[0::2], batch.desirable, z0, beta=self.algo.beta, **self.options)
         out = {STAT_NAMES.get(k, k): v for k, v in stats.items()}
         out.update({"logps/chosen": masked_mean(logps.detach(), batch.desirable),
                     "logps/rejected": masked_mean(logps.detach(), ~batch.desirable)})
@@ -326,8 +335,9 @@ def step_loss(objective: PreferenceObjective, model, micro: list) -> tuple[float
         parts = (objective.pair_step_share(model, b, 1 / len(micro), n / sum(chosen_tokens))
                  for b, n in zip(micro, chosen_tokens))
     else:
-        z0 = objective.kto_point(model, micro)
-        parts = (objective.unpaired_step_share(model, b, z0, 1 / len(micro)) for b in micro)
+        refs = [objective.reference_logps(b) for b in micro]  # (2B,) each: example, mismatched twin
+        z0 = objective.kto_point(model, micro, refs)
+        parts = (objective.unpaired_step_share(model, b, ref, z0, 1 / len(micro)) for b, ref in zip(micro, refs))
     total, stats = 0.0, {}
     for loss, micro_stats in parts:
         loss.backward()
@@ -335,6 +345,19 @@ def step_loss(objective: PreferenceObjective, model, micro: list) -> tuple[float
         for k, v in micro_stats.items():
             stats[k] = stats.get(k, 0.0) + float(v) / len(micro)
     return total, stats
+
+
+def prepare_reference(model, groups: list[list[dict]], cfg: RunConfig, tokenizer) -> tuple[OnlineReference | None, str]:
+    """Precompute the reference log-probs into the items (`algo.precompute_reference`), or make
+    the per-batch reference; neither for a reference-free loss. Returns it and a note for the log."""
+    algo = cfg.algo
+    if algo.loss in REFERENCE_FREE_LOSSES:
+        return None, "none (reference-free loss)"
+    if not algo.precompute_reference:
+        return OnlineReference(model, lora=cfg.model.finetune == "lora"), "computed per batch"
+    t0 = time.perf_counter()
+    hit = precompute_reference(model, PreferenceObjective(algo, None), groups, cfg, tokenizer)
+    return None, f"{'read from cache' if hit else 'precomputed'} in {time.perf_counter() - t0:.1f}s"
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -355,38 +378,35 @@ def evaluate(model, objective: PreferenceObjective, items: list[dict], pad_id: i
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    cols: dict[str, list[torch.Tensor]] = {}
+    logps, lengths, refs = [], [], []
     for i in range(0, len(items), batch_size):
-        b = collate(items[i : i + batch_size], pad_id, device)
-        if isinstance(b, PairBatch):
-            logps, lengths, ref = objective.pair_logps_of(model, b)
-            parts = dict(pc=logps[0::2], pr=logps[1::2], lc=lengths[0::2], lr=lengths[1::2],
-                         rc=None if ref is None else ref[0::2], rr=None if ref is None else ref[1::2])
-        else:
-            main, kl = (b.input_ids, b.attention_mask, b.loss_mask), (b.kl_input_ids, b.kl_attention_mask, b.kl_loss_mask)
-            parts = dict(logps=response_logps(model, *main)[0], ref=objective.ref(b.ref_logps, response_logps, *main),
-                         kl=response_logps(model, *kl)[0], kl_ref=objective.ref(b.kl_ref_logps, response_logps, *kl),
-                         desirable=b.desirable)
-        for k, v in parts.items():
-            if v is not None:
-                cols.setdefault(k, []).append(v)
+        batch = collate(items[i : i + batch_size], pad_id, device)
+        batch_logps, batch_lengths = objective.logps(model, batch)
+        logps.append(batch_logps)
+        lengths.append(batch_lengths)
+        refs.append(objective.reference_logps(batch))
     model.train(was_training)
-    t = {k: torch.cat(v) for k, v in cols.items()}
-    if "pc" not in t:
-        loss, stats = objective.loss_fn(t["logps"], t["ref"], t["desirable"], kto_reference_point(t["kl"], t["kl_ref"]),
+    logps, lengths = torch.cat(logps), torch.cat(lengths)  # (2N,): even rows chosen / example, odd rejected / twin
+    ref = None if refs[0] is None else torch.cat(refs)
+    if "chosen_ids" not in items[0]:
+        desirable = torch.tensor([bool(x["label"]) for x in items], device=device)
+        loss, stats = objective.loss_fn(logps[0::2], ref[0::2], desirable, kto_reference_point(logps[1::2], ref[1::2]),
                                         beta=objective.algo.beta, **objective.options)
         return {"loss": float(loss), **{STAT_NAMES.get(k, k): float(v) for k, v in stats.items()}}
-    pairs = objective if objective.algo.loss != "kto" else _dpo_statistics(objective.algo)
-    loss, stats = pairs.pairs(t["pc"], t["pr"], t["lc"], t["lr"], t.get("rc"), t.get("rr"))
+    pairs = objective if objective.algo.loss != "kto" else _dpo_statistics(objective)
+    pc, pr, lc, lr = logps[0::2], logps[1::2], lengths[0::2], lengths[1::2]
+    loss, stats = pairs.pairs(pc, pr, lc, lr, None if ref is None else ref[0::2], None if ref is None else ref[1::2])
     out = {k: float(v) for k, v in stats.items()}
     if objective.algo.loss != "kto":
         out["loss"] = float(loss)
-    out["logp_accuracy"] = float((t["pc"] / t["lc"].clamp_min(1) > t["pr"] / t["lr"].clamp_min(1)).float().mean())
+    out["logp_accuracy"] = float((pc / lc.clamp_min(1) > pr / lr.clamp_min(1)).float().mean())
     return out
 
 
-def _dpo_statistics(algo: DPOConfig) -> PreferenceObjective:
-    return PreferenceObjective(DPOConfig(loss="sigmoid", beta=algo.beta, share_prompt=algo.share_prompt), reference=None)
+def _dpo_statistics(kto: PreferenceObjective) -> PreferenceObjective:
+    """KTO's held-out pairs are scored with DPO's implicit reward beta log pi/pi_ref."""
+    algo = kto.algo
+    return PreferenceObjective(DPOConfig(loss="sigmoid", beta=algo.beta, share_prompt=algo.share_prompt), kto.reference)
 
 
 def _prefixed(prefix: str, metrics: dict) -> dict:
@@ -414,16 +434,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     val_items = data.val[: tcfg.eval_batches * tcfg.batch_size]
     order = EpochBatches(len(data.train), tcfg.batch_size, seed=cfg.seed)
 
-    # 4. The reference, before any update: precomputed once (or read from the disk cache), or a
-    #    per-batch reference; none for reference-free losses.
-    reference, ref_note = None, "none (reference-free loss)"
-    if algo.loss not in REFERENCE_FREE_LOSSES and algo.precompute_reference:
-        t0 = time.perf_counter()
-        hit = precompute_reference(model, data.train + val_items, cfg, tokenizer)
-        ref_note = f"{'read from cache' if hit else 'precomputed'} in {time.perf_counter() - t0:.1f}s"
-    elif algo.loss not in REFERENCE_FREE_LOSSES:
-        reference = OnlineReference(model, lora=cfg.model.finetune == "lora")
-        ref_note = "computed per batch"
+    # 4. The reference, before any update (and before a checkpoint is loaded): precomputed once
+    #    or read from the disk cache, or a per-batch reference; none for reference-free losses.
+    reference, ref_note = prepare_reference(model, [data.train, val_items], cfg, tokenizer)
     objective = PreferenceObjective(algo, reference)
 
     # 5. Optimizer, schedule, and resume from the newest checkpoint when there is one.
@@ -442,13 +455,12 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     log.write(f"data: {data.stats_line}; train {len(data.train)} items, val {len(val_items)}; reference: {ref_note}")
     if resume_from is not None:
         log.write(f"resumed from {resume_from} at step {start}")
-        val_before = state["val_before"]
+        val_before, val_after = state["val_before"], state["val_after"]
     else:
-        val_before = evaluate(model, objective, val_items, pad_id, tcfg.batch_size)
+        val_before = val_after = evaluate(model, objective, val_items, pad_id, algo.reference_batch_size)
         log.log(0, _prefixed("val", val_before))
 
     # 6. The loop: micro-batches -> loss share -> backward; clip, step; evaluate, checkpoint.
-    val_after = val_before
     for step in range(start + 1, tcfg.max_steps + 1):
         t0 = time.perf_counter()
         micro = [collate([data.train[i] for i in order.next()], pad_id, device) for _ in range(tcfg.grad_accum)]
@@ -464,12 +476,12 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         metrics = {"loss": loss, **stats, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                    "samples_per_s": tcfg.batch_size * tcfg.grad_accum / seconds, "epoch": order.epoch}
         if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
-            val_after = evaluate(model, objective, val_items, pad_id, tcfg.batch_size)
+            val_after = evaluate(model, objective, val_items, pad_id, algo.reference_batch_size)
             metrics.update(_prefixed("val", val_after))
         log.log(step, metrics, advance=1)
         if step % tcfg.save_every == 0 or step == tcfg.max_steps:
             ckpt.save(step, model=model, optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
-                      trainer_state={"data": order.state_dict(), "val_before": val_before})
+                      trainer_state={"data": order.state_dict(), "val_before": val_before, "val_after": val_after})
     log.close()
 
     # 7. Save the final model (or adapter) with its tokenizer, and the summary.

@@ -22,7 +22,7 @@ import json
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -79,11 +79,12 @@ def model_fingerprint(model_cfg) -> dict:
     return info
 
 
-def cache_key(model_cfg, tokenizer_name: str, seqs: Sequence[Seq]) -> str:
-    """sha256 hex over the model fingerprint, the tokenizer name and every sequence's ids."""
+def cache_key(model_cfg, tokenizer_name: str, seqs: Sequence[Seq], layout: str = "") -> str:
+    """sha256 hex over the model fingerprint, the tokenizer name, how the forward batches the
+    sequences (`layout`: the numbers depend on it in the last bits) and every sequence's ids."""
     h = hashlib.sha256()
     h.update(json.dumps({"version": CACHE_VERSION, "model": model_fingerprint(model_cfg),
-                         "tokenizer": tokenizer_name}, sort_keys=True).encode())
+                         "tokenizer": tokenizer_name, "layout": layout}, sort_keys=True).encode())
     for prompt, response in seqs:
         h.update(json.dumps([list(prompt), list(response)]).encode())
         h.update(b"\n")
@@ -121,22 +122,24 @@ def save_cached(cache_dir: Path, key: str, logps: torch.Tensor, metadata: dict[s
     return path
 
 
-def reference_logps(model: torch.nn.Module, seqs: Sequence[Seq], *, model_cfg, tokenizer, batch_size: int,
-                    cache_dir: str | os.PathLike | None, description: str = "") -> tuple[torch.Tensor, bool]:
+def reference_logps(model: torch.nn.Module, seqs: Sequence[Seq], compute: Callable[[torch.nn.Module], torch.Tensor],
+                    *, model_cfg, tokenizer, cache_dir: str | os.PathLike | None, layout: str = "",
+                    description: str = "") -> tuple[torch.Tensor, bool]:
     """(N,) reference log-probs of `seqs`, from the cache when present; returns (logps, hit).
 
-    `cache_dir=None` disables the disk cache (always computed). `model` must still hold the
-    reference weights (adapters are disabled here; with full fine-tuning call this before any
-    update).
+    `compute(model)` runs the forward (called in `reference_mode`: eval, no grad, adapters off)
+    and returns the (N,) log-probs in the order of `seqs`; `layout` names how it batches them.
+    `cache_dir=None` disables the disk cache. `model` must still hold the reference weights
+    (with full fine-tuning, call this before any update).
     """
-    key = cache_key(model_cfg, getattr(tokenizer, "name_or_path", ""), seqs) if cache_dir is not None else None
+    key = cache_key(model_cfg, getattr(tokenizer, "name_or_path", ""), seqs, layout) if cache_dir is not None else None
     if key is not None:
         cached = load_cached(Path(cache_dir), key, len(seqs))
         if cached is not None:
             return cached, True
     with reference_mode(model):
-        logps = compute_logps(model, seqs, tokenizer.pad_token_id, batch_size)
+        logps = compute(model).float().cpu()
     if key is not None:
         save_cached(Path(cache_dir), key, logps, {"model": model_cfg.name_or_path, "sequences": len(seqs),
-                                                   "what": description})
+                                                   "layout": layout, "what": description})
     return logps, False
