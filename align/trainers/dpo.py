@@ -49,7 +49,6 @@ from align.trainers.common import (
     seed_everything,
     set_threads,
 )
-from align.trainers.metrics import RunLogger
 from align.trainers.logps import (
     collate_sequences,
     collate_shared,
@@ -57,6 +56,7 @@ from align.trainers.logps import (
     response_logps,
     shared_prompt_logps,
 )
+from align.trainers.metrics import RunLogger
 from align.trainers.reference import default_cache_dir, reference_logps, reference_mode
 from align.trainers.setup import build_policy
 
@@ -225,16 +225,20 @@ class UnpairedBatch:
 def collate(items: list[dict], pad_id: int, device: torch.device) -> PairBatch | UnpairedBatch:
     """Pad a list of items into the batch type of their kind, on `device`. Reference log-probs
     (when the items carry them) come out (2B,) in `item_sequences` order."""
-    ref = torch.tensor([x["ref"] for x in items], dtype=torch.float32).reshape(-1).to(device) if "ref" in items[0] else None
+    ref = None
+    if "ref" in items[0]:
+        ref = torch.tensor([x["ref"] for x in items], dtype=torch.float32).reshape(-1).to(device)  # (2B,)
 
     def on_device(tensors: dict) -> dict:
         return {k: v.to(device) for k, v in tensors.items()}
 
     if "chosen_ids" in items[0]:
         responses = [r for x in items for r in (x["chosen_ids"], x["rejected_ids"])]
-        return PairBatch(**on_device(collate_shared([x["prompt_ids"] for x in items], responses, pad_id)), ref_logps=ref)
+        shared = collate_shared([x["prompt_ids"] for x in items], responses, pad_id)
+        return PairBatch(**on_device(shared), ref_logps=ref)
     seqs = [item_sequences(x) for x in items]
-    main, kl = on_device(collate_sequences([s[0] for s in seqs], pad_id)), on_device(collate_sequences([s[1] for s in seqs], pad_id))
+    main = on_device(collate_sequences([s[0] for s in seqs], pad_id))
+    kl = on_device(collate_sequences([s[1] for s in seqs], pad_id))
     return UnpairedBatch(**main, desirable=torch.tensor([bool(x["label"]) for x in items], device=device),
                          kl_input_ids=kl["input_ids"], kl_attention_mask=kl["attention_mask"],
                          kl_loss_mask=kl["loss_mask"], ref_logps=ref)

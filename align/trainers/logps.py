@@ -37,11 +37,13 @@ def collate_sequences(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_i
     }
 
 
-def collate_shared(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_shared(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                   pad_id: int) -> dict[str, torch.Tensor]:
     """prompt_ids, prompt_mask (B, P) and response_ids, response_mask (kB, R), right-padded;
     `responses[k * b + j]` answers `prompts[b]`. Masks are int64 (1 on real tokens)."""
     if any(len(p) == 0 for p in prompts):
-        raise ValueError("shared-prompt batches need a non-empty prompt (its last token scores the first response token)")
+        raise ValueError("shared-prompt batches need a non-empty prompt (its last token scores the first "
+                         "response token)")
     return {
         "prompt_ids": right_pad(prompts, pad_id),
         "prompt_mask": right_pad([[1] * len(p) for p in prompts], 0),
@@ -66,7 +68,8 @@ def response_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 
 def concatenated_logps(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                       response_ids: torch.Tensor, response_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       response_ids: torch.Tensor, response_mask: torch.Tensor,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(kB,) summed response log-probs and lengths with one forward over prompt + response rows."""
     kB, R = response_ids.shape
     P = prompt_ids.shape[1]
@@ -81,7 +84,8 @@ def concatenated_logps(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_
 
 
 def shared_prompt_logps(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                        response_ids: torch.Tensor, response_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        response_ids: torch.Tensor, response_mask: torch.Tensor,
+                        k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(kB,) summed response log-probs and lengths, the prompt run once for its k responses.
 
     Args:

@@ -161,7 +161,8 @@ def test_shared_prompt_forward_equals_one_sequence_at_a_time(stories_path, pair_
     from align.trainers.logps import collate_shared, concatenated_logps, shared_prompt_logps
 
     # prompts of different lengths (BOS + their last n - 1 tokens), so the cache has padding inside
-    items = [dict(x, prompt_ids=x["prompt_ids"][:1] + x["prompt_ids"][1 - n:]) for x, n in zip(pair_items, (24, 9, 17, 3))]
+    items = [dict(x, prompt_ids=x["prompt_ids"][:1] + x["prompt_ids"][1 - n:])
+             for x, n in zip(pair_items, (24, 9, 17, 3))]
     model = fresh_model(stories_path)
     batch = collate_shared([x["prompt_ids"] for x in items],
                            [r for x in items for r in (x["chosen_ids"], x["rejected_ids"])], tokenizer.pad_token_id)
@@ -180,7 +181,8 @@ def test_shared_prompt_forward_equals_one_sequence_at_a_time(stories_path, pair_
         logps.sum().backward()
         results[name] = logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
         assert lengths.tolist() == [len(r) for x in items for r in (x["chosen_ids"], x["rejected_ids"])]
-        torch.testing.assert_close(logps.detach().double(), torch.tensor(naive, dtype=torch.float64), rtol=1e-5, atol=2e-4)
+        expected = torch.tensor(naive, dtype=torch.float64)
+        torch.testing.assert_close(logps.detach().double(), expected, rtol=1e-5, atol=2e-4)
     shared, concat = results["shared"][1], results["concatenated"][1]
     for n in concat:
         torch.testing.assert_close(shared[n], concat[n], rtol=1e-4, atol=1e-5 * concat[n].abs().max().item(), msg=n)
@@ -276,8 +278,8 @@ def test_per_batch_reference_gives_the_precomputed_loss(finetune, stories_path, 
     cpu = torch.device("cpu")
     pre_batch = collate([dict(x, ref=r) for x, r in zip(items, ref.view(-1, 2).tolist())], tokenizer.pad_token_id, cpu)
     pre, pre_stats = PreferenceObjective(algo, None).pair_step_share(model, pre_batch, 1.0, 1.0)
-    got, got_stats = PreferenceObjective(algo, online).pair_step_share(model, collate(items, tokenizer.pad_token_id, cpu),
-                                                                         1.0, 1.0)
+    batch = collate(items, tokenizer.pad_token_id, cpu)
+    got, _ = PreferenceObjective(algo, online).pair_step_share(model, batch, 1.0, 1.0)
     torch.testing.assert_close(got, pre, rtol=1e-4, atol=1e-5)
     assert abs(float(pre_stats["rewards/margins"])) > 1e-3  # the policy did move
 
@@ -305,7 +307,8 @@ def test_data_kind_must_match_the_loss(tmp_path, tokenizer, shared_data):
                                  DPOConfig(loss="kto", unpair=True), tokenizer, 0)
     assert len(split.train) == 2 * 8 and sum(x["label"] for x in split.train) == 8
     assert all("chosen_ids" in x for x in split.val)  # held-out pairs stay pairs
-    kto = load_preference_data(DataConfig(source=str(unpaired), format="kto", **kw), DPOConfig(loss="kto"), tokenizer, 0)
+    kto = load_preference_data(DataConfig(source=str(unpaired), format="kto", **kw), DPOConfig(loss="kto"),
+                               tokenizer, 0)
     assert all("kl_completion_ids" in x for x in kto.train + kto.val)
 
 
@@ -336,14 +339,16 @@ def test_kto_on_unpaired_data_runs_end_to_end(tmp_path, shared_data):
 # tuning of stories260K learns faster here than a LoRA adapter.
 LEARN = ["data.limit=400", "data.val_size=128", "data.max_length=112", "data.max_prompt_length=32",
          "data.max_response_length=80", "trainer.batch_size=8", "trainer.warmup_steps=3", "trainer.lr=1e-3",
-         "trainer.max_steps=30", "trainer.eval_every=30", "trainer.save_every=30", "algo.reference_batch_size=32"]
+         "trainer.max_steps=30", "trainer.eval_every=30", "trainer.save_every=30", "trainer.eval_batches=16",
+         "algo.reference_batch_size=32"]
 PER_LOSS = {  # the papers' temperatures where they learn here; see scripts/learn_dpo.py for why not elsewhere
     "sigmoid": ["algo.beta=0.1"],
     "robust": ["algo.beta=0.1", "algo.label_smoothing=0.1"],
     "ipo": ["algo.beta=0.5"],
     "hinge": ["algo.beta=0.2"],
     "simpo": ["algo.beta=2.0", "algo.simpo_gamma=0.5"],
-    "orpo": ["algo.beta=10.0", "trainer.lr=3e-4", "trainer.max_steps=40", "trainer.eval_every=40", "trainer.save_every=40"],
+    "orpo": ["algo.beta=10.0", "trainer.lr=3e-4", "trainer.max_steps=40", "trainer.eval_every=40",
+             "trainer.save_every=40"],
     "kto": ["algo.beta=0.1", "algo.unpair=true", "algo.undesirable_weight=0.5", "trainer.lr=2e-4"],
 }
 CHANCE = 0.5
