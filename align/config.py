@@ -274,6 +274,9 @@ class DPOConfig(AlgoConfig):
     share_prompt: run each pair's prompt once and both responses over its cached keys and
         values (the same numbers as prompt + response rows, less work); false: one forward over
         the 2B concatenated rows, for models whose forward cannot continue from a cache.
+    length_normalize: pass per-token (length-normalised) log-probs, policy and reference, to
+        sigmoid, robust, ipo or hinge (IPO as its authors and TRL run it); SimPO and ORPO
+        normalise by themselves, KTO's reference point is on summed log-probs.
     """
 
     name: str = "dpo"
@@ -289,6 +292,7 @@ class DPOConfig(AlgoConfig):
     reference_cache_dir: str = ""
     reference_batch_size: int = 32
     share_prompt: bool = True
+    length_normalize: bool = False
 
     def __post_init__(self):
         from align.core.preference import PREFERENCE_LOSSES  # torch, only when a DPO run is configured
@@ -305,6 +309,9 @@ class DPOConfig(AlgoConfig):
             raise ConfigError(f"algo.label_smoothing: must be in [0, 0.5] (robust: [0, 0.5)), got {self.label_smoothing!r}")
         if self.unpair and self.loss != "kto":
             raise ConfigError(f"algo.unpair: only the kto loss takes unpaired data, not {self.loss!r}")
+        if self.length_normalize and self.loss not in ("sigmoid", "robust", "ipo", "hinge"):
+            raise ConfigError(f"algo.length_normalize: for sigmoid, robust, ipo and hinge; {self.loss!r} "
+                              "normalises by itself or works on summed log-probs")
 
 
 ALGO_SCHEMAS: dict[str, type] = {"sft": SFTConfig}

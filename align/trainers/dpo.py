@@ -294,8 +294,14 @@ class PreferenceObjective:
         return batch.ref_logps if batch.ref_logps is not None else self.reference(self.logps, batch)
 
     def pairs(self, pc, pr, lc, lr, rc, rr) -> tuple[torch.Tensor, dict]:
-        """The loss over pairs from their (B,) log-probs and lengths, statistics renamed for logs."""
-        loss, stats = self.loss_fn(pc, pr, rc, rr, lc, lr, beta=self.algo.beta, **self.options)
+        """The loss over pairs from their (B,) log-probs and lengths, statistics renamed for logs.
+        With `algo.length_normalize` the loss sees per-token log-probs (policy and reference)."""
+        if self.algo.length_normalize:
+            lc1, lr1 = lc.clamp_min(1), lr.clamp_min(1)
+            args = (pc / lc1, pr / lr1, None if rc is None else rc / lc1, None if rr is None else rr / lr1)
+        else:
+            args = (pc, pr, rc, rr)
+        loss, stats = self.loss_fn(*args, lc, lr, beta=self.algo.beta, **self.options)
         out = {STAT_NAMES.get(k, k): v for k, v in stats.items()}
         out.update({"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean(),
                     "nll": -pc.detach().sum() / lc.sum().clamp_min(1)})

@@ -64,6 +64,7 @@ def test_algo_dpo_composes_with_each_loss():
     (["algo.label_smoothing=0.7"], "algo.label_smoothing"),
     (["algo.unpair=true"], "algo.unpair"),
     (["algo.loss=kto", "algo.desirable_weight=-1"], "algo.desirable_weight"),
+    (["algo.loss=simpo", "algo.length_normalize=true"], "algo.length_normalize"),
 ])
 def test_bad_dpo_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -186,6 +187,23 @@ def test_shared_prompt_forward_equals_one_sequence_at_a_time(stories_path, pair_
     shared, concat = results["shared"][1], results["concatenated"][1]
     for n in concat:
         torch.testing.assert_close(shared[n], concat[n], rtol=1e-4, atol=1e-5 * concat[n].abs().max().item(), msg=n)
+
+
+@pytest.mark.parametrize("loss", ["ipo", "sigmoid"])
+def test_length_normalize_feeds_per_token_logps_to_the_loss(loss):
+    """algo.length_normalize divides policy and reference log-probs by the response length
+    before the registry loss; the summed log-probs still go to the logs."""
+    from align.trainers.dpo import PreferenceObjective
+
+    pc, pr, rc, rr = torch.tensor([-30.0, -12.0]), torch.tensor([-20.0, -30.0]), torch.tensor([-28.0, -15.0]), \
+        torch.tensor([-25.0, -27.0])
+    lc, lr = torch.tensor([10.0, 4.0]), torch.tensor([5.0, 10.0])
+    got, stats = PreferenceObjective(DPOConfig(loss=loss, beta=0.5, length_normalize=True), None).pairs(
+        pc, pr, lc, lr, rc, rr)
+    expected, _ = PREFERENCE_LOSSES.get(loss)(pc / lc, pr / lr, rc / lc, rr / lr, beta=0.5)
+    summed, _ = PREFERENCE_LOSSES.get(loss)(pc, pr, rc, rr, beta=0.5)
+    assert got.item() == pytest.approx(expected.item()) and abs(expected.item() - summed.item()) > 1e-3
+    assert stats["logps/chosen"].item() == pytest.approx(-21.0)
 
 
 def test_unpair_and_mismatched_completions(pair_items):
