@@ -32,6 +32,17 @@ Each framework runs `--repeats` times, alternating with the other, and its best 
 reported (all runs' figures are listed): on a shared machine the best run is the one least
 slowed by other load. peak_rss_mb is the subprocess's peak resident memory (ru_maxrss),
 imports included.
+
+Measured (`--with-concatenated`, defaults: 256 HH pairs, 20 steps of 8 pairs, max_length 256,
+one thread on a shared 2-core CPU, transformers 5.24, TRL 1.16):
+
+    ours (shared prompt)       12.4 pairs/s   peak RSS 586 MB
+    ours (share_prompt=false)   8.6 pairs/s   peak RSS 632 MB
+    TRL DPOTrainer              6.4 pairs/s   peak RSS 703 MB
+    speedup 1.93 (an earlier run under heavier load: 7.40 against 3.73, 1.99)
+
+The 2B rows of prompt + response alone are 1.33x TRL (its per-step overhead); running each
+prompt once is the rest. Both sides end at the same loss (0.684 and 0.691 after 20 steps).
 """
 
 from __future__ import annotations

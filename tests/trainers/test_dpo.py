@@ -362,7 +362,7 @@ LEARN = ["data.limit=400", "data.val_size=128", "data.max_length=112", "data.max
 PER_LOSS = {  # the papers' temperatures where they learn here; see scripts/learn_dpo.py for why not elsewhere
     "sigmoid": ["algo.beta=0.1"],
     "robust": ["algo.beta=0.1", "algo.label_smoothing=0.1"],
-    "ipo": ["algo.beta=0.5"],
+    "ipo": ["algo.beta=0.1", "algo.length_normalize=true"],
     "hinge": ["algo.beta=0.2"],
     "simpo": ["algo.beta=2.0", "algo.simpo_gamma=0.5"],
     "orpo": ["algo.beta=10.0", "trainer.lr=3e-4", "trainer.max_steps=40", "trainer.eval_every=40",
