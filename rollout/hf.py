@@ -342,7 +342,17 @@ def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generat
         mass_before = probs.cumsum(-1) - probs  # (B, V): mass of strictly more likely tokens
         drop = mass_before >= params.top_p  # never drops the most likely token (mass_before 0)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return _sample_categorical(logits.softmax(-1), generator)
+
+
+def _sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of (B, V) probabilities by inverse CDF: the first token whose cumulative
+    mass exceeds u * total, u ~ U[0, 1). Tokens of zero probability are never drawn. Same
+    distribution as `torch.multinomial`, at a fraction of its cost on CPU for one draw per row."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
+    return token.clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,12 @@ HEAD_FILES = {"critic": "value_head.safetensors", "reward": "score_head.safetens
 _LORA_SEGMENTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether a Hugging Face model's weights are stored quantized (bitsandbytes 4/8-bit, QLoRA)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(model, "is_quantized", False))
+
+
 def check_role(role: str, valid: Sequence[str], what: str = "role") -> None:
     if role not in valid:
         raise ValueError(f"unknown or disabled {what} {role!r}; valid here: {list(valid)}")
@@ -68,8 +74,6 @@ def merged_state_dict(causal_lm: nn.Module, adapter: str | None) -> dict[str, to
     `...lora_A.<name>.weight`) and on a plain one. The live weights are not touched: merged
     tensors are new (W + scale * B @ A, peft's own `get_delta_weight`), the rest are views.
     """
-    from peft.tuners.lora import LoraLayer
-
     sd = {}
     for key, tensor in causal_lm.state_dict().items():
         parts = key.split(".")
@@ -78,20 +82,42 @@ def merged_state_dict(causal_lm: nn.Module, adapter: str | None) -> dict[str, to
         sd[".".join(p for p in parts if p != "base_layer")] = tensor
     if adapter is None:
         return sd
-    if getattr(causal_lm, "is_quantized", False) or getattr(causal_lm, "is_loaded_in_4bit", False):
+    sd.update({f"{name}.weight": w for name, w in merged_lora_weights(causal_lm, adapter).items()})
+    return sd
+
+
+def merged_lora_weights(causal_lm: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """{module name: W + scale * B @ A} for every LoRA layer of `causal_lm` holding `adapter`
+    (new tensors; the live weights are not touched). Only these weights differ between the base
+    and the merged model."""
+    from peft.tuners.lora import LoraLayer
+
+    if is_quantized(causal_lm):
         raise ValueError(
             "cannot merge a LoRA adapter into a quantized base; load the base in float32/bfloat16, "
             "load the adapter with `load_role`, and export from that model"
         )
-    found = False
+    merged = {}
     for name, module in causal_lm.named_modules():
         if isinstance(module, LoraLayer) and adapter in (*module.lora_A.keys(), *module.lora_embedding_A.keys()):
             weight = module.get_base_layer().weight
-            sd[f"{name}.weight"] = weight.detach() + module.get_delta_weight(adapter).to(weight.dtype)
-            found = True
-    if not found:
+            merged[name] = weight.detach() + module.get_delta_weight(adapter).to(weight.dtype)
+    if not merged:
         raise ValueError(f"no LoRA layer holds adapter {adapter!r}")
-    return sd
+    return merged
+
+
+def strip_lora_layers(causal_lm: nn.Module) -> nn.Module:
+    """Replace every peft LoRA layer of `causal_lm` by its base layer, in place: a plain model
+    again, as fast as one that never had adapters. Returns `causal_lm`."""
+    from peft.tuners.lora import LoraLayer
+
+    names = [name for name, module in causal_lm.named_modules() if isinstance(module, LoraLayer)]
+    for name in names:  # outermost first; a LoRA layer never nests another
+        parent, _, child = name.rpartition(".")
+        owner = causal_lm.get_submodule(parent) if parent else causal_lm
+        setattr(owner, child, getattr(owner, child).get_base_layer())
+    return causal_lm
 
 
 def save_sequence_classifier(
@@ -301,6 +327,42 @@ class RoleModel(nn.Module):
         lm.save_pretrained(out_dir, state_dict=sd)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
+
+    @property
+    def can_merge_actor(self) -> bool:
+        """Whether `merged_actor_copy` applies: a LoRA actor on an unquantized base."""
+        return ("actor" in self.roles and self._adapter_name("actor") is not None
+                and not is_quantized(self._causal_lm("actor")))
+
+    def merged_actor_copy(self) -> nn.Module:
+        """A plain causal LM (no LoRA layers, frozen, in eval mode) computing the actor: a copy of
+        its base with the actor's adapter merged in, for a rollout engine that should generate at
+        the bare model's speed. It costs one more copy of the base weights; `refresh_merged_actor`
+        brings it up to date after an update. Only for LoRA actors on an unquantized base
+        (`can_merge_actor`)."""
+        import copy
+
+        check_role("actor", self.roles)
+        adapter = self._adapter_name("actor")
+        if adapter is None:
+            raise ValueError("merged_actor_copy needs a LoRA actor; a fully fine-tuned actor is already plain")
+        plain = strip_lora_layers(copy.deepcopy(self._causal_lm("actor")))
+        plain.requires_grad_(False)
+        plain.eval()
+        self.refresh_merged_actor(plain)
+        return plain
+
+    @torch.no_grad()
+    def refresh_merged_actor(self, plain: nn.Module) -> int:
+        """Write W + scale * B @ A of the actor's current adapter into `plain` (from
+        `merged_actor_copy`), computed from the untouched base weights, so no rounding accumulates
+        over many refreshes. Returns the bytes written."""
+        written = 0
+        for name, weight in merged_lora_weights(self._causal_lm("actor"), self._adapter_name("actor")).items():
+            target = plain.get_submodule(name).weight
+            target.copy_(weight)
+            written += target.numel() * target.element_size()
+        return written
 
     def export_reward_model(self, out_dir: str, tokenizer=None) -> None:
         """Write the reward role as an `AutoModelForSequenceClassification` folder (num_labels=1).

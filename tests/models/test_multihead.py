@@ -299,3 +299,48 @@ def test_a_role_left_out_is_not_served(stories_base, batch):
     assert all(".q_proj." in n or ".v_proj." in n for n, _ in m.named_parameters() if "lora_" in n)
     with pytest.raises(ValueError, match="'critic'"):
         m.values(ids, mask)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_merged_actor_copy_follows_the_adapter_and_leaves_the_base_alone(tie, perturb):
+    """The rollout copy: a plain model (no LoRA layers) with the actor's logits; after the adapter
+    moves, a refresh brings it along; many refreshes never drift, since each reads the untouched
+    base; the live model is never written."""
+    from peft.tuners.lora import LoraLayer
+
+    from align.models import build_tiny_llama
+
+    model = MultiHeadModel(build_tiny_llama(num_layers=2, tie_word_embeddings=tie), {"actor": RoleConfig(r=4)})
+    perturb(model, seed=3)
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    live = snapshot(model)
+    plain = model.merged_actor_copy()
+    assert model.can_merge_actor and not any(isinstance(m, LoraLayer) for m in plain.modules())
+    assert not any(p.requires_grad for p in plain.parameters()) and not plain.training
+
+    def gap():
+        with torch.no_grad():
+            return (plain(input_ids=ids).logits - model.peft(input_ids=ids).logits).abs().max()
+
+    model.eval()
+    assert gap() < 1e-5
+    perturb(model, seed=4)  # an "update" of the actor adapter
+    assert gap() > 1e-3  # the copy is stale until refreshed
+    assert model.refresh_merged_actor(plain) > 0
+    assert gap() < 1e-5
+    first = {k: v.clone() for k, v in plain.state_dict().items()}
+    for _ in range(20):
+        model.refresh_merged_actor(plain)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in first.items())
+    base_now = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(v, live[k]) for k, v in base_now.items()), "a refresh wrote into the shared base"
+
+
+def test_merged_actor_copy_needs_a_lora_actor(model):
+    from align.models import build_tiny_llama
+    from align.models.separate import SeparateModels
+
+    full = SeparateModels.from_base(build_tiny_llama(num_layers=1), roles=("actor",))
+    assert model.can_merge_actor and not full.can_merge_actor
+    with pytest.raises(ValueError, match="LoRA actor"):
+        full.merged_actor_copy()
