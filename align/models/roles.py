@@ -15,6 +15,8 @@ reward pass never materialises (B, T, V) logits.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -34,6 +36,12 @@ def is_quantized(model: nn.Module) -> bool:
     """Whether a Hugging Face model's weights are stored quantized (bitsandbytes 4/8-bit, QLoRA)."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
                 or getattr(model, "is_quantized", False))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_type: type) -> str:
+    """The KV cache's forward keyword: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
 def check_role(role: str, valid: Sequence[str], what: str = "role") -> None:
@@ -243,6 +251,45 @@ class RoleModel(nn.Module):
         with self._activate(role):
             hidden = self._backbone(role, input_ids, attention_mask)
             return self._token_logprobs(role, hidden, input_ids, temperature)
+
+    def response_log_probs(self, prompt_ids, prompt_mask, response_ids, response_mask, role: str = "actor",
+                           temperature: float = 1.0) -> torch.Tensor:
+        """(B, R) log p(y_r | x, y_<r) of every response token under `role` (`actor`/`reference`).
+
+        prompt_ids, prompt_mask: (B, P), left-padded. response_ids, response_mask: (B, R),
+        right-padded; positions after a response's end are garbage and must be masked.
+        Rows that share a prompt share its forward pass (the G samples of a GRPO group): the
+        distinct prompts run once with their keys and values cached, each row's response runs
+        over its prompt's cache, and the LM head runs on response positions only. The numbers
+        are those of `log_probs` over prompt + response (same positions, same attention) up to
+        float rounding, and gradients flow through the cache into the prompts' pass. Without
+        a shared prompt it is one `log_probs` pass over the whole rows.
+        """
+        check_role(role, [r for r in self.served_roles if r in ("actor", REFERENCE)])
+        P = prompt_ids.shape[1]
+        distinct, row_prompt = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
+        if len(distinct) == len(prompt_ids):
+            ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask.long(), response_mask.long()], 1)
+            return self.log_probs(ids, mask, role=role, temperature=temperature)[:, P - 1 :]
+        from transformers import DynamicCache
+
+        u_ids, u_mask = distinct[:, :P], distinct[:, P:]  # (U, P) each
+        R = response_ids.shape[1]
+        with self._activate(role):
+            backbone = self._causal_lm(role).base_model
+            cache = DynamicCache()
+            kw = {_cache_kwarg_of(type(backbone)): cache}
+            out = backbone(input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids_from_mask(u_mask),
+                           use_cache=True, **kw)
+            last = out.last_hidden_state[:, -1:]  # (U, 1, H): left-padded, so every prompt ends in the last column
+            cache.batch_select_indices(row_prompt)  # (B, heads, P, d) per layer, rows in batch order
+            positions = u_mask.sum(1)[row_prompt, None] + torch.arange(R, device=u_mask.device)  # (B, R)
+            attention = torch.cat([prompt_mask.long(), response_mask.long()], 1)  # (B, P + R)
+            hidden = backbone(input_ids=response_ids, attention_mask=attention, position_ids=positions,
+                              use_cache=True, **kw).last_hidden_state  # (B, R, H)
+            hidden = torch.cat([last[row_prompt], hidden], 1)  # (B, R + 1, H): position t scores token t + 1
+            targets = torch.cat([response_ids[:, :1], response_ids], 1)  # the first column is never scored
+            return self._token_logprobs(role, hidden, targets, temperature)
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
         """(B, T) critic value of each prefix x_{<=t} (critic adapter or model + value head)."""

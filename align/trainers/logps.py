@@ -14,8 +14,6 @@ Batches are right-padded. Response row k * b + j is the j-th response of prompt 
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Sequence
 
 import torch
@@ -23,6 +21,7 @@ from transformers import DynamicCache
 
 from align.core import logprobs_from_logits, sequence_logps
 from align.data import right_pad
+from align.models.roles import _cache_kwarg_of
 
 
 def collate_sequences(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -108,11 +107,6 @@ def shared_prompt_logps(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt
     first = logprobs_from_logits(first_logits.repeat_interleave(k, 0)[:, None], response_ids[:, :1])  # (kB, 1)
     rest = logprobs_from_logits(logits[:, :-1], response_ids[:, 1:])  # (kB, R-1)
     return sequence_logps(torch.cat([first, rest], 1), response_mask)
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg_of(model_type: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:

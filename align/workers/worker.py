@@ -161,17 +161,29 @@ class ModelWorker:
 
     @torch.no_grad()
     def annotate(self, batch: Experience, roles: Sequence[str]) -> dict[str, Tensor]:
-        """One no-grad pass per chunk for all `roles` (the multi-head model runs them as one
-        mixed-adapter batch): {"ref_logp", "old_logp", "values": (B, R), "rm_scores": (B,)}."""
+        """No-grad passes per chunk for `roles`: {"ref_logp", "old_logp", "values": (B, R),
+        "rm_scores": (B,)}. Policy log-probs run each distinct prompt once for its group's rows
+        (`response_log_probs`); values and scores run whole rows."""
         out: dict[str, list[Tensor]] = {ROLE_FIELDS[r]: [] for r in roles}
         R = batch.response_ids.shape[1]
-        for part in batch.split(self.spec.forward_batch_size) if len(batch) else []:
-            part = part.trim().to(self.device)
-            res = self.model.multi_role_forward(part.input_ids, part.attention_mask, roles=tuple(roles))
-            for role, value in res.items():
-                if role != "reward":
-                    value = _pad_to(value[:, part.response_slice].float(), R, left=False)
-                out[ROLE_FIELDS[role]].append(value.float().cpu())
+        policies = [r for r in roles if r in ("reference", "actor")]  # log-probs: a prompt shared by G rows runs once
+        others = tuple(r for r in roles if r not in policies)
+        was_training = self.model.training
+        self.model.eval()  # inference: no LoRA dropout
+        try:
+            for part in batch.split(self.spec.forward_batch_size) if len(batch) else []:
+                part = part.trim().to(self.device)
+                res = {role: self.model.response_log_probs(part.prompt_ids, part.prompt_mask, part.response_ids,
+                                                           part.response_mask, role=role) for role in policies}
+                if others:
+                    res.update({role: value[:, part.response_slice] if role == "critic" else value for role, value in
+                                self.model.multi_role_forward(part.input_ids, part.attention_mask, roles=others).items()})
+                for role, value in res.items():
+                    if role != "reward":
+                        value = _pad_to(value.float(), R, left=False)
+                    out[ROLE_FIELDS[role]].append(value.float().cpu())
+        finally:
+            self.model.train(was_training)
         return {k: torch.cat(v) if v else torch.zeros(0, R) for k, v in out.items()}
 
     # ---- updates --------------------------------------------------------------------------------
@@ -180,7 +192,7 @@ class ModelWorker:
         from align.core import grpo_kl_loss, ppo_policy_loss
 
         def micro_loss(mb: Experience, normaliser: float):
-            logp = self.model.log_probs(mb.input_ids, mb.attention_mask, role="actor")[:, mb.response_slice]
+            logp = self.model.response_log_probs(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
             # No recomputed old log-probs: the update is on-policy (one step per iteration), ratio = 1.
             old = mb.old_logp if mb.old_logp is not None else logp.detach()
             total, stats = ppo_policy_loss(logp, old, mb.advantages, mb.response_mask, loss.clip_eps_low,

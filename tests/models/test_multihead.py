@@ -344,3 +344,53 @@ def test_merged_actor_copy_needs_a_lora_actor(model):
     assert model.can_merge_actor and not full.can_merge_actor
     with pytest.raises(ValueError, match="LoRA actor"):
         full.merged_actor_copy()
+
+
+def grouped_rollouts(G: int = 3, seed: int = 0):
+    """Left-padded prompts (3 distinct, of 2-6 tokens; token 0 inside one of them, the pad id)
+    each repeated G times, in shuffled row order, and right-padded responses of 1-7 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [[1, 40, 7, 99, 5, 300], [1, 0, 88], [1, 250]]
+    P, R = 6, 7
+    rows = [p for p in prompts for _ in range(G)]
+    order = torch.randperm(len(rows), generator=g)
+    rows = [rows[i] for i in order]
+    prompt_ids = torch.zeros(len(rows), P, dtype=torch.long)
+    prompt_mask = torch.zeros(len(rows), P, dtype=torch.long)
+    for i, p in enumerate(rows):
+        prompt_ids[i, P - len(p):], prompt_mask[i, P - len(p):] = torch.tensor(p), 1
+    r_len = torch.randint(1, R + 1, (len(rows),), generator=g)
+    response_mask = torch.arange(R)[None] < r_len[:, None]
+    response_ids = torch.randint(3, 512, (len(rows), R), generator=g) * response_mask
+    return prompt_ids, prompt_mask, response_ids, response_mask
+
+
+@pytest.mark.parametrize("role", ["actor", "reference"])
+def test_shared_prompt_log_probs_equal_the_whole_sequence_pass(model, role):
+    """Each distinct prompt runs once for its G responses: the log-probs of every real response
+    token, and the actor adapter's gradients through them, equal those of the plain forward
+    over prompt + response rows."""
+    prompt_ids, prompt_mask, response_ids, response_mask = grouped_rollouts()
+    P = prompt_ids.shape[1]
+    ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask.long()], 1)
+    weights = torch.randn(response_ids.shape, generator=torch.Generator().manual_seed(1)) * response_mask
+    results = []
+    for shared in (True, False):
+        model.zero_grad(set_to_none=True)
+        if shared:
+            logp = model.response_log_probs(prompt_ids, prompt_mask, response_ids, response_mask, role=role)
+        else:
+            logp = model.log_probs(ids, mask, role=role)[:, P - 1 :]
+        grads = []
+        if role == "actor":
+            (logp * weights).sum().backward()
+            grads = [p.grad.clone() for p in model.trainable_parameters("actor")]
+        results.append((logp.detach(), grads))
+    (shared_logp, shared_grads), (plain_logp, plain_grads) = results
+    real = response_mask
+    assert shared_logp.shape == plain_logp.shape == response_ids.shape
+    torch.testing.assert_close(shared_logp[real], plain_logp[real], atol=2e-5, rtol=0)
+    for a, b in zip(shared_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    if role == "actor":
+        assert shared_grads and max(float(g.abs().max()) for g in shared_grads) > 1e-4
