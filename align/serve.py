@@ -17,11 +17,21 @@ on GPU), so a served model samples exactly as it did in rollouts: the same stop 
 same `seed` semantics. Chat messages are rendered with the tokenizer's chat template, or the
 fallback template SFT trained with (`align.data.chat`), and tokenized as training does.
 
+Streaming (`stream: true`) sends OpenAI SSE chunks: for chat a role chunk per choice, then text
+deltas (choice `index` = sample), then a finish-reason chunk per choice, the usage chunk when
+`stream_options.include_usage`, then `data: [DONE]`. With the HF engine the deltas are token by
+token: generation runs in a worker thread whose per-step callback (`on_step`, see
+`rollout.base.RolloutEngine`) queues each new token, and each choice's text is re-decoded as
+`HFEngine.response_text` does, the new suffix sent. Held back until the end: an incomplete UTF-8
+character (a trailing U+FFFD), and with `stop` strings the last max(len(stop)) - 1 characters, so a
+stop string is never streamed. The finished sample's text is authoritative: what remains of it is
+sent last, so the deltas join to exactly the non-streamed text.
+
 Honest limits:
-- Streaming is not token by token. Neither engine exposes a per-token callback, so a streamed
-  request is generated whole and then sent as OpenAI SSE chunks (`data: {...}`, one per word,
-  then a chunk with the finish reason, then `data: [DONE]`). Clients see the stream protocol;
-  the first chunk arrives when generation is done.
+- The vLLM engine has no per-token callback: its streamed requests are generated whole, then
+  sent one word per chunk (same protocol; the first chunk arrives when generation is done).
+- A streamed request whose client disconnects still runs to its end (the engine cannot stop
+  mid-call), holding the replica's lock meanwhile, as a non-streamed request does.
 - One generation at a time per replica. The engines are not thread-safe, so a lock serialises
   `generate`; requests beyond it wait (up to `--max-ongoing-requests` per replica, then Ray
   Serve queues them). A request with several prompts or `n > 1` is one batched call. More
@@ -50,7 +60,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -251,16 +261,80 @@ class CompletionService:
         return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               max_new_tokens=max_tokens, stop=tuple(s for s in stop if s), seed=req.seed)
 
-    async def generate(self, prompts: list[list[int]], params):
-        """Run the engine in a worker thread, one call at a time (the engines are not thread-safe)."""
+    async def generate(self, prompts: list[list[int]], params, on_step=None):
+        """Run the engine in a worker thread, one call at a time (the engines are not thread-safe).
+        `on_step` (engines that stream tokens only) is called from that thread."""
         def locked():
             with self._lock:
-                return self.engine.generate(prompts, params)
+                if on_step is None:
+                    return self.engine.generate(prompts, params)
+                return self.engine.generate(prompts, params, on_step=on_step)
 
         try:
             return await asyncio.to_thread(locked)
         except ValueError as err:  # the engine's own checks on a request
             raise APIError(400, str(err)) from err
+
+    async def stream(self, prompts: list[list[int]], params) -> AsyncIterator:
+        """A streamed generation: (choice index, text delta) pairs, then the RolloutOutput. The
+        deltas of a choice join to its sample's text. Token by token when the engine streams
+        tokens (`rollout.base.streams_tokens`); else after generation, a word per delta."""
+        from rollout.base import streams_tokens
+
+        if not streams_tokens(self.engine):
+            out = await self.generate(prompts, params)
+            for k, s in enumerate(out.samples):
+                for piece in text_pieces(s.text):
+                    yield k, piece
+            yield out
+            return
+
+        loop, steps = asyncio.get_running_loop(), asyncio.Queue()
+        rows = [p for p in prompts for _ in range(params.n)]  # prompt-major, as the samples
+        texts = [_StreamText(self.engine.response_text, row, params.stop) for row in rows]
+        task = asyncio.ensure_future(
+            self.generate(prompts, params, on_step=lambda *step: loop.call_soon_threadsafe(steps.put_nowait, step)))
+        # Queued after every step: the thread's result reaches the loop after its last callback.
+        task.add_done_callback(lambda _: steps.put_nowait(None))
+        while (step := await steps.get()) is not None:
+            for k, token in zip(*step):
+                if delta := texts[k].add(token):
+                    yield k, delta
+        out = await task  # the engine's error, if any, is raised here
+        for k, s in enumerate(out.samples):
+            if rest := texts[k].finish(s.text):
+                yield k, rest
+        yield out
+
+
+class _StreamText:
+    """One choice's text as its tokens arrive: each `add` re-decodes the tokens so far with
+    `decode(prompt, ids)` and returns the new suffix that can no longer change (see the module
+    docstring for what is held back). A stop token is special, so it decodes to nothing."""
+
+    def __init__(self, decode, prompt: list[int], stops: tuple[str, ...]):
+        self.decode, self.prompt, self.stops = decode, prompt, stops
+        self.hold = max(map(len, stops), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.prompt, self.ids)
+        # A stop string found ends the row here (the engine saw it too): cut before it.
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return self._send(text[: min(found, default=len(text) - self.hold)].rstrip("\ufffd"))
+
+    def finish(self, text: str) -> str:
+        """What remains of the sample's final text."""
+        return self._send(text)
+
+    def _send(self, text: str) -> str:
+        # Only extensions of what was sent go out: a decode that rewrote earlier text waits.
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
 
 
 # -------------------------------------------------------------------------------------- the app
@@ -317,22 +391,24 @@ def create_app(service: CompletionService):
         check_model(req)
         prompts = service.prompt_ids(req.prompt)
         params = service.sampling(req, prompts, "prompt")
-        out = await service.generate(prompts, params)
-        reply = _Reply("cmpl", "text_completion", service.name, prompts, out)
+        reply = _Reply("cmpl", service.name, prompts)
         if req.stream:
-            return StreamingResponse(_sse(reply.completion_chunks(_include_usage(req))), media_type="text/event-stream")
-        return reply.completion()
+            events = await _started(service.stream(prompts, params))
+            return StreamingResponse(_sse(reply.completion_chunks(events, _include_usage(req))),
+                                     media_type="text/event-stream")
+        return reply.completion(await service.generate(prompts, params))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
         check_model(req)
         prompts = [service.chat_ids(req.messages)]
         params = service.sampling(req, prompts, "messages")
-        out = await service.generate(prompts, params)
-        reply = _Reply("chatcmpl", "chat.completion", service.name, prompts, out)
+        reply = _Reply("chatcmpl", service.name, prompts)
         if req.stream:
-            return StreamingResponse(_sse(reply.chat_chunks(_include_usage(req))), media_type="text/event-stream")
-        return reply.chat()
+            events = await _started(service.stream(prompts, params))
+            return StreamingResponse(_sse(reply.chat_chunks(events, params.n, _include_usage(req))),
+                                     media_type="text/event-stream")
+        return reply.chat(await service.generate(prompts, params))
 
     return app
 
@@ -342,48 +418,58 @@ def _include_usage(req: CompletionRequest) -> bool:
 
 
 class _Reply:
-    """One generate call's output in OpenAI's response and stream-chunk shapes. Choice k is
-    sample k of the rollout output (prompt-major: prompt k // n, sample k % n), as in OpenAI."""
+    """One request's answer in OpenAI's response and stream-chunk shapes. Choice k is sample k
+    of the rollout output (prompt-major: prompt k // n, sample k % n), as in OpenAI. Streams are
+    built from `CompletionService.stream` events: (k, text delta) pairs, then the output."""
 
-    def __init__(self, prefix: str, kind: str, model: str, prompts: list[list[int]], out):
-        self.id, self.kind, self.model = f"{prefix}-{uuid.uuid4().hex}", kind, model
+    def __init__(self, prefix: str, model: str, prompts: list[list[int]]):
+        self.id, self.model = f"{prefix}-{uuid.uuid4().hex}", model
         self.created = int(time.time())
-        self.samples = out.samples
-        completion_tokens = sum(len(s.token_ids) for s in out.samples)
-        prompt_tokens = sum(len(p) for p in prompts)
-        self.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}
+        self.prompt_tokens = sum(len(p) for p in prompts)
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def completion(self) -> dict:
+    def usage(self, out) -> dict:
+        completion_tokens = sum(len(s.token_ids) for s in out.samples)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def completion(self, out) -> dict:
         choices = [{"index": k, "text": s.text, "logprobs": None, "finish_reason": s.finish_reason}
-                   for k, s in enumerate(self.samples)]
-        return {**self._head("text_completion"), "choices": choices, "usage": self.usage}
+                   for k, s in enumerate(out.samples)]
+        return {**self._head("text_completion"), "choices": choices, "usage": self.usage(out)}
 
-    def chat(self) -> dict:
+    def chat(self, out) -> dict:
         choices = [{"index": k, "message": {"role": "assistant", "content": s.text}, "logprobs": None,
-                    "finish_reason": s.finish_reason} for k, s in enumerate(self.samples)]
-        return {**self._head("chat.completion"), "choices": choices, "usage": self.usage}
+                    "finish_reason": s.finish_reason} for k, s in enumerate(out.samples)]
+        return {**self._head("chat.completion"), "choices": choices, "usage": self.usage(out)}
 
-    def completion_chunks(self, include_usage: bool) -> Iterator[dict]:
-        for k, s in enumerate(self.samples):
-            for piece in text_pieces(s.text):
-                yield self._chunk("text_completion", {"index": k, "text": piece, "logprobs": None, "finish_reason": None})
-            yield self._chunk("text_completion", {"index": k, "text": "", "logprobs": None, "finish_reason": s.finish_reason})
-        if include_usage:
-            yield {**self._head("text_completion"), "choices": [], "usage": self.usage}
+    async def completion_chunks(self, events: AsyncIterator, include_usage: bool) -> AsyncIterator[dict]:
+        kind = "text_completion"
+        async for event in events:
+            if isinstance(event, tuple):
+                k, text = event
+                yield self._chunk(kind, {"index": k, "text": text, "logprobs": None, "finish_reason": None})
+                continue
+            for k, s in enumerate(event.samples):
+                yield self._chunk(kind, {"index": k, "text": "", "logprobs": None, "finish_reason": s.finish_reason})
+            if include_usage:
+                yield {**self._head(kind), "choices": [], "usage": self.usage(event)}
 
-    def chat_chunks(self, include_usage: bool) -> Iterator[dict]:
+    async def chat_chunks(self, events: AsyncIterator, n: int, include_usage: bool) -> AsyncIterator[dict]:
         kind = "chat.completion.chunk"
-        for k, s in enumerate(self.samples):
+        for k in range(n):
             yield self._chunk(kind, {"index": k, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-            for piece in text_pieces(s.text):
-                yield self._chunk(kind, {"index": k, "delta": {"content": piece}, "finish_reason": None})
-            yield self._chunk(kind, {"index": k, "delta": {}, "finish_reason": s.finish_reason})
-        if include_usage:
-            yield {**self._head(kind), "choices": [], "usage": self.usage}
+        async for event in events:
+            if isinstance(event, tuple):
+                k, text = event
+                yield self._chunk(kind, {"index": k, "delta": {"content": text}, "finish_reason": None})
+                continue
+            for k, s in enumerate(event.samples):
+                yield self._chunk(kind, {"index": k, "delta": {}, "finish_reason": s.finish_reason})
+            if include_usage:
+                yield {**self._head(kind), "choices": [], "usage": self.usage(event)}
 
     def _chunk(self, kind: str, choice: dict) -> dict:
         return {**self._head(kind), "choices": [choice]}
@@ -395,9 +481,22 @@ def text_pieces(text: str) -> list[str]:
     return re.findall(r"\s*\S+|\s+$", text)
 
 
-async def _sse(chunks: Iterator[dict]):
+async def _started(events: AsyncIterator) -> AsyncIterator:
+    """`events` with its first item awaited now, before the response starts, so that a request
+    the engine rejects gets its 400 rather than a broken 200 stream."""
+    first = await anext(events)
+
+    async def resumed():
+        yield first
+        async for event in events:
+            yield event
+
+    return resumed()
+
+
+async def _sse(chunks: AsyncIterator[dict]):
     """Server-sent events as OpenAI sends them: `data: <json>` per chunk, then `data: [DONE]`."""
-    for chunk in chunks:
+    async for chunk in chunks:
         yield f"data: {json.dumps(chunk)}\n\n"
     yield "data: [DONE]\n\n"
 

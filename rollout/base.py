@@ -14,6 +14,7 @@ wants temperature-scaled log-probs must divide the logits itself; the engine nev
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
@@ -85,7 +86,14 @@ class RolloutOutput:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What a driver may ask of a rollout engine."""
+    """What a driver may ask of a rollout engine.
+
+    Optional, HFEngine only, for streaming: `generate(prompts, params, *, on_step=None)`, where
+    `on_step(rows, tokens)` gets each decode step's tokens of the rows still running (rows index
+    the prompt-major samples), and `response_text(prompt, ids)`, the text the engine gives a
+    response's ids. `streams_tokens(engine)` says whether an engine has both; callers fall back to
+    the finished output otherwise (vLLM, Ray-wrapped engines).
+    """
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutOutput:
         """Generate `params.n` responses for each prompt (given as token ids, no padding)."""
@@ -104,3 +112,8 @@ class RolloutEngine(Protocol):
     def wake_up(self) -> None:
         """Retake what `sleep` released."""
         ...
+
+
+def streams_tokens(engine) -> bool:
+    """Whether `engine` has the optional streaming methods of `RolloutEngine`."""
+    return "on_step" in inspect.signature(engine.generate).parameters and hasattr(engine, "response_text")

@@ -6,7 +6,9 @@ token falls out of the same logits that chose it (no second pass, no processor b
 seed drives a private `torch.Generator`, so seeded calls are reproducible and never touch the
 global RNG; and each row stops on its own stop token or stop string with its own finish reason.
 Beam search (evaluation only) goes through `model.generate(num_beams=...)`, and the chosen beams'
-raw log-probs are then recomputed by one forward pass.
+raw log-probs are then recomputed by one forward pass. The loop can also report each step's tokens
+as they are sampled (`generate(..., on_step=...)`, the optional feature of `rollout.base`), which
+is how `align.serve` streams token by token.
 
 Log-probs follow `rollout.base`: log_softmax of the raw logits, before temperature, top-k and
 top-p, computed in fp32 whatever the model's dtype. Sampling order: temperature, then top-k, then
@@ -78,8 +80,21 @@ class HFEngine:
 
     # ---- the protocol ---------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutOutput:
-        """`params.n` responses per prompt, prompt-major: samples[i * n + j] is sample j of prompt i."""
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        on_step: Callable[[list[int], list[int]], None] | None = None,
+    ) -> RolloutOutput:
+        """`params.n` responses per prompt, prompt-major: samples[i * n + j] is sample j of prompt i.
+
+        on_step: called after each decode step as `on_step(rows, tokens)` with the token just
+                 sampled for every row still running (rows index the prompt-major samples), so a
+                 row's tokens over all calls are its `token_ids`. It runs in the decode loop, so
+                 it should be quick (the server queues the tokens for another thread). Beam search
+                 ignores it: its beams are only known at the end.
+        """
         if self._asleep:
             raise RuntimeError("HFEngine.generate called while asleep; call wake_up() first")
         prompts = [[int(t) for t in p] for p in prompts]
@@ -101,13 +116,14 @@ class HFEngine:
                 responses = []
                 for start in range(0, len(rows), self.max_batch_size):
                     chunk = slice(start, start + self.max_batch_size)
-                    responses += self._sample(module, rows[chunk], row_budgets[chunk], params, stop_ids, generator)
+                    report = None if on_step is None else functools.partial(_report_rows, on_step, start)
+                    responses += self._sample(module, rows[chunk], row_budgets[chunk], params, stop_ids, generator, report)
 
         samples = []
         for i, (token_ids, logprobs, reason) in enumerate(responses):
             # A stop token's own text is left out (vLLM does the same), special or not.
             on_stop_token = reason == "stop" and token_ids[-1] in stop_ids
-            text = self._text(rows[i], token_ids[:-1] if on_stop_token else token_ids)
+            text = self.response_text(rows[i], token_ids[:-1] if on_stop_token else token_ids)
             cut = _first_stop(text, params.stop)
             samples.append(
                 RolloutSample(
@@ -170,8 +186,10 @@ class HFEngine:
         params: SamplingParams,
         stop_ids: set[int],
         generator: torch.Generator | None,
+        on_step: Callable[[list[int], list[int]], None] | None = None,
     ) -> list[tuple[list[int], list[float], str]]:
-        """Decode one chunk of rows with the KV cache; returns (token_ids, logprobs, finish_reason) each."""
+        """Decode one chunk of rows with the KV cache; returns (token_ids, logprobs, finish_reason)
+        each. `on_step(rows, tokens)` gets each step's tokens of the rows still running (chunk rows)."""
         device = _device(module)
         input_ids, attention_mask = _left_pad(rows, self.pad_token_id, device)  # (B, P)
         B = len(rows)
@@ -192,6 +210,9 @@ class HFEngine:
         for step in range(int(budget.max())):
             token = _pick(logits, params, generator)  # (B,)
             token = token.masked_fill(done, self.pad_token_id)
+            if on_step is not None:
+                running = (~done).nonzero().squeeze(-1)  # (R,) rows that take this token
+                on_step(running.tolist(), token[running].tolist())
             tokens.append(token)
             logprobs.append(logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
             lengths += (~done).long()
@@ -230,11 +251,11 @@ class HFEngine:
             if d:
                 continue
             texts_ids[i].append(t)
-            if _first_stop(self._text(rows[i], texts_ids[i]), stops) is not None:
+            if _first_stop(self.response_text(rows[i], texts_ids[i]), stops) is not None:
                 hit[i] = True
         return hit
 
-    def _text(self, prompt: list[int], ids: list[int]) -> str:
+    def response_text(self, prompt: list[int], ids: list[int]) -> str:
         """The response's text as it reads after its prompt: decoded behind the prompt's last few
         tokens, so a leading space survives (SentencePiece drops it at the start of a decode) and
         prompt text + response text is the text of the whole sequence, as with vLLM."""
@@ -282,9 +303,9 @@ class HFEngine:
             if t in stop_ids:
                 ids, reason = ids[: j + 1], "stop"
                 break
-        if stops and _first_stop(self._text(prompt, ids), stops) is not None:
+        if stops and _first_stop(self.response_text(prompt, ids), stops) is not None:
             for j in range(len(ids)):
-                if _first_stop(self._text(prompt, ids[: j + 1]), stops) is not None:
+                if _first_stop(self.response_text(prompt, ids[: j + 1]), stops) is not None:
                     ids, reason = ids[: j + 1], "stop"
                     break
         return ids, [], reason
@@ -314,6 +335,11 @@ class HFEngine:
             finally:
                 for m, training in modes:
                     m.training = training
+
+
+def _report_rows(on_step: Callable[[list[int], list[int]], None], start: int, rows: list[int], tokens: list[int]):
+    """`on_step` with a chunk's row numbers shifted to the call's (the chunk starts at row `start`)."""
+    on_step([start + r for r in rows], tokens)
 
 
 def _budgets(module: nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[int]:

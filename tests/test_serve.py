@@ -5,7 +5,8 @@ Expected texts come from the rollout engine run in this process on the same prom
 (`HFEngine` + the training tokenizer's `Encoder`), so every assertion checks that the HTTP
 layer (Ray Serve, FastAPI, the OpenAI shapes, SSE) hands back exactly what the engine samples:
 greedy completions and chats, seeded n > 1 samples, stream chunks that join to the
-non-streamed text, and concurrent requests that equal sequential ones.
+non-streamed text (streamed token by token, stop strings never sent), and concurrent requests
+that equal sequential ones.
 
 The server runs in its own process session with a private RAY_TMPDIR; teardown is SIGTERM
 (the server shuts Serve and Ray down), then any process left in that session is killed
@@ -163,6 +164,33 @@ def _expected(engine, texts, **params):
     return ids, eng.generate(ids, SamplingParams(**params)).samples
 
 
+def test_an_engine_without_on_step_streams_the_finished_text_a_word_per_delta(engine):
+    """The vLLM engine's path, on CPU: an engine whose generate takes no `on_step` is streamed
+    after generation, in the words of each sample's text (no server needed)."""
+    import asyncio
+
+    from align.serve import CompletionService, text_pieces
+    from rollout import SamplingParams
+    from rollout.base import streams_tokens
+
+    eng, tok, _ = engine
+
+    class WholeOnly:  # generate(prompts, params) and nothing more, as VLLMEngine
+        def generate(self, prompts, params):
+            return eng.generate(prompts, params)
+
+    assert streams_tokens(eng) and not streams_tokens(WholeOnly())
+    service = CompletionService(WholeOnly(), tok, name=MODEL, context=512)
+    prompts = service.prompt_ids(PROMPTS[:2])
+
+    async def events():
+        return [e async for e in service.stream(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=0))]
+
+    *deltas, out = asyncio.run(events())
+    assert deltas == [(k, piece) for k, s in enumerate(out.samples) for piece in text_pieces(s.text)]
+    assert len(out.samples) == 4 and len(deltas) > 8
+
+
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
@@ -211,6 +239,74 @@ def test_stream_chunks_join_to_the_non_streamed_greedy_text(client):
     assert stream[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in stream) == chat_whole.choices[0].message.content
     assert stream[-1].choices[0].finish_reason == chat_whole.choices[0].finish_reason
+
+
+def _joined(chunks, chat: bool = False) -> list[str]:
+    """Each choice's streamed text, by choice index."""
+    texts: dict[int, str] = {}
+    for c in chunks:
+        for choice in c.choices:
+            piece = (choice.delta.content or "") if chat else choice.text
+            texts[choice.index] = texts.get(choice.index, "") + piece
+    return [texts[k] for k in sorted(texts)]
+
+
+def test_seeded_n_samples_stream_to_the_non_streamed_texts(client):
+    """n = 2 on two prompts (choices interleave as tokens arrive), and a chat with n = 2."""
+    request = dict(model=MODEL, prompt=PROMPTS[:2], n=2, max_tokens=40, temperature=1.0, seed=11)
+    whole = client.completions.create(**request)
+    chunks = list(client.completions.create(**request, stream=True))
+    assert _joined(chunks) == [c.text for c in whole.choices]
+    assert len(set(_joined(chunks))) == 4
+    finish = {ch.index: ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason}
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], n=2, max_tokens=30,
+                temperature=1.0, seed=5)
+    chat_whole = client.chat.completions.create(**chat)
+    stream = list(client.chat.completions.create(**chat, stream=True))
+    assert _joined(stream, chat=True) == [c.message.content for c in chat_whole.choices]
+    assert {ch.index for c in stream for ch in c.choices if ch.delta.role == "assistant"} == {0, 1}
+
+
+def test_stream_is_token_by_token_and_starts_before_generation_ends(client):
+    """200 greedy tokens of about 100 words: a delta per token (not per word), and the first
+    arrives in the first half of the wait for the last (a whole-text stream would send both
+    at once, after the generation)."""
+    asked = time.monotonic()
+    pieces, times, usage = [], [], None
+    for c in client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}):
+        if c.choices and c.choices[0].text:
+            pieces.append(c.choices[0].text)
+            times.append(time.monotonic())
+        usage = c.usage or usage
+    text = "".join(pieces)
+    assert usage.completion_tokens == 200
+    assert len(pieces) >= 190 > 1.5 * len(text.split())
+    assert times[0] - asked < 0.5 * (times[-1] - asked)
+
+
+@pytest.mark.parametrize("stop", [["named Lily", "zzzzzz"], ["."]])
+def test_stop_strings_are_never_streamed(client, stop):
+    """The greedy story holds both stops (", there was a little girl named Lily. She ..."), the
+    first over several tokens and behind a longer one; the stream ends before the stop string,
+    as the non-streamed text does."""
+    request = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=stop)
+    whole = client.completions.create(**request).choices[0]
+    assert whole.finish_reason == "stop" and whole.text.startswith(", there was")
+    chunks = list(client.completions.create(**request, stream=True))
+    assert _joined(chunks) == [whole.text]
+
+
+def test_stop_strings_are_never_streamed_in_chat(client):
+    """The greedy reply starts '"Here," Annabyed.'; the stop string spans several tokens."""
+    request = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=40,
+                   temperature=0, stop=["Annabyed."])
+    whole = client.chat.completions.create(**request).choices[0]
+    assert whole.finish_reason == "stop" and whole.message.content.startswith('"Here,"')
+    stream = list(client.chat.completions.create(**request, stream=True))
+    assert _joined(stream, chat=True) == [whole.message.content]
 
 
 def test_n_samples_are_seeded_like_the_engine(client, engine):

@@ -184,6 +184,30 @@ def test_chunking_by_max_batch_size_does_not_change_greedy(stories, prompts):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
+def test_on_step_reports_each_rows_tokens_as_sampled(stories, prompts):
+    """3 prompts x n=2 = 6 rows in chunks of 4 and 2; a stop string ends rows at different steps.
+    Each row's reported tokens, in order, are its token_ids; each step reports only rows still
+    running; and the samples equal those of a call without the callback."""
+    model, tok = stories
+    engine = HFEngine(model, tok, max_batch_size=4)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=3, stop=(" a",))
+    reported: dict[int, list[int]] = {}
+    steps = []
+
+    def on_step(rows, tokens):
+        assert len(rows) == len(tokens) and rows == sorted(rows)
+        steps.append(rows)
+        for r, t in zip(rows, tokens):
+            reported.setdefault(r, []).append(t)
+
+    out = engine.generate(prompts, params, on_step=on_step)
+    assert [reported[r] for r in range(6)] == [s.token_ids for s in out.samples]
+    assert steps[0] == [0, 1, 2, 3] and [4, 5] in steps  # chunk rows shifted to the call's
+    assert len({len(s.token_ids) for s in out.samples}) > 1  # rows did stop at different steps
+    plain = engine.generate(prompts, params)
+    assert [s.token_ids for s in plain.samples] == [s.token_ids for s in out.samples]
+
+
 def test_beam_search_returns_valid_scored_sequences(stories, prompts):
     model, tok = stories
     engine = HFEngine(model, tok)
