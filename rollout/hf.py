@@ -191,15 +191,23 @@ class HFEngine:
         """Decode one chunk of rows with the KV cache; returns (token_ids, logprobs, finish_reason)
         each. `on_step(rows, tokens)` gets each step's tokens of the rows still running (chunk rows)."""
         device = _device(module)
-        input_ids, attention_mask = _left_pad(rows, self.pad_token_id, device)  # (B, P)
+        # Prefill each distinct prompt once (the n samples of a prompt share it), then give every
+        # row its prompt's keys, values and last logits.
+        distinct: dict[tuple[int, ...], int] = {}
+        row_prompt = torch.tensor([distinct.setdefault(tuple(r), len(distinct)) for r in rows], device=device)  # (B,)
+        input_ids, attention_mask = _left_pad([list(p) for p in distinct], self.pad_token_id, device)  # (U, P)
         B = len(rows)
         budget = torch.tensor(budgets, device=device)  # (B,) new tokens each row may take
         stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding shifts positions
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (U, P): left padding shifts positions
         cache_kw = _cache_kwarg()
-        out = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-        cache, logits = out[cache_kw], out.logits[:, -1].float()  # (B, V)
+        out = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                     logits_to_keep=1)
+        cache, logits = out[cache_kw], out.logits[:, -1].float()  # (U, V)
+        if len(distinct) < B:
+            cache.batch_select_indices(row_prompt)
+            logits, attention_mask, position_ids = logits[row_prompt], attention_mask[row_prompt], position_ids[row_prompt]
         next_position = position_ids[:, -1:] + 1  # (B, 1)
 
         done = torch.zeros(B, dtype=torch.bool, device=device)

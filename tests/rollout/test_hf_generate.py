@@ -247,3 +247,14 @@ def test_inverse_cdf_sampler_draws_each_token_at_its_probability():
     assert (freq[probs == 0] == 0).all()
     again = _sample_categorical(probs, torch.Generator().manual_seed(7))
     assert torch.equal(again, _sample_categorical(probs, torch.Generator().manual_seed(7)))
+
+
+def test_shared_prefill_gives_each_row_its_own_prompt(stories, prompts):
+    """Rows with the same prompt (n samples, or a prompt passed twice) share one prefill; every
+    row must still decode its own prompt: greedy rows equal the cache-free decode of their prompt."""
+    model, tok = stories
+    twice = [prompts[0], prompts[1], prompts[0]]
+    out = HFEngine(model, tok, max_batch_size=4).generate(twice, SamplingParams(n=2, temperature=0.0, max_new_tokens=8))
+    for s in out.samples:
+        expected, _ = naive_greedy(model, twice[s.prompt_index], 8, stop_ids={tok.eos_token_id})
+        assert s.token_ids == expected, s.prompt_index
