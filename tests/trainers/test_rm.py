@@ -222,15 +222,14 @@ def tiny_neox(shared_data, tmp_path_factory):
     return str(out)
 
 
-def test_reward_model_learns_real_preferences(tmp_path, tiny_neox, one_thread):
+def test_reward_model_learns_real_preferences(tmp_path, tiny_neox, shared_data, one_thread):
     """On the shipped HH-RLHF helpful-base pairs (2,089 for training, one pass over 640 of them), held-out pairwise
     accuracy on 256 other pairs rises from chance to clearly above it, and the held-out loss
     falls. (On the three HH subsets mixed, the same model stays near chance: see
     scripts/bench_rm.py.)"""
-    from conftest import HH_HELPFUL
-
+    helpful = shared_data / "hh-rlhf" / "helpful-base_test.jsonl.gz"
     cfg, summary = _run(
-        tmp_path, f"model.name_or_path={tiny_neox}", "model.finetune=full", f"data.source={HH_HELPFUL}",
+        tmp_path, f"model.name_or_path={tiny_neox}", "model.finetune=full", f"data.source={helpful}",
         "data.limit=null", "data.val_size=256", "data.max_length=256", "data.max_prompt_length=192",
         "data.max_response_length=64", "trainer.batch_size=8", "trainer.eval_batches=32", "trainer.lr=1e-3",
         "trainer.warmup_steps=10", "trainer.max_steps=80", "trainer.eval_every=80", "trainer.save_every=80",
