@@ -338,6 +338,8 @@ class RLConfig(AlgoConfig):
     dual_clip: dual-clip PPO constant c > 1, or null.
     loss_agg: a mode of `align.core.AGG_MODES`; the normaliser is global over the minibatch.
     kl_coef, kl_kind: the KL term's weight and estimator (GRPO: in the loss; PPO: reward shaping).
+    entropy_coef: weight of an entropy bonus in the policy loss (loss -= coef * the policy's
+        entropy over response tokens, aggregated like the loss; 0: none, nothing computed).
     eval_prompts: held-out prompts evaluated at step 0 and every `trainer.eval_every` steps, with
         `eval_samples` samples each at `eval_temperature` and a fixed seed.
     forward_batch_size: rows per no-grad forward in the workers.
@@ -353,6 +355,7 @@ class RLConfig(AlgoConfig):
     loss_agg: str = "token-mean"
     kl_coef: float = 0.0
     kl_kind: str = "k3"
+    entropy_coef: float = 0.0
     eval_prompts: int = 32
     eval_samples: int = 2
     eval_temperature: float = 1.0
@@ -380,6 +383,7 @@ class RLConfig(AlgoConfig):
         _one_of("algo.loss_agg", self.loss_agg, AGG_MODES)
         _one_of("algo.kl_kind", self.kl_kind, KL_KINDS)
         _positive("algo.kl_coef", self.kl_coef, allow_zero=True)
+        _positive("algo.entropy_coef", self.entropy_coef, allow_zero=True)
         _positive("algo.eval_temperature", self.eval_temperature, allow_zero=True)
 
 

@@ -216,9 +216,10 @@ class RoleModel(nn.Module):
         )
         return out.last_hidden_state
 
-    def _token_logprobs(self, role: str, hidden, input_ids, temperature: float) -> torch.Tensor:
-        """(B, T-1) log p(x_{t+1} | x_{<=t}) from (B, T, H) hidden states; call inside `_activate(role)`."""
-        from align.core.logprobs import logprobs_from_logits
+    def _token_logprobs(self, role: str, hidden, input_ids, temperature: float, entropy: bool = False):
+        """(B, T-1) log p(x_{t+1} | x_{<=t}) from (B, T, H) hidden states, and with `entropy` also
+        (B, T-1) the entropy of each next-token distribution; call inside `_activate(role)`."""
+        from align.core.logprobs import entropy_from_logits, logprobs_from_logits
 
         lm = self._causal_lm(role)
         logits = lm.get_output_embeddings()(hidden[:, :-1])  # (B, T-1, V)
@@ -227,7 +228,8 @@ class RoleModel(nn.Module):
             logits = torch.tanh(logits / softcap) * softcap
         if temperature != 1.0:
             logits = logits / temperature
-        return logprobs_from_logits(logits, input_ids[:, 1:])  # fp32 whatever the logits' dtype
+        logp = logprobs_from_logits(logits, input_ids[:, 1:])  # fp32 whatever the logits' dtype
+        return (logp, entropy_from_logits(logits)) if entropy else logp
 
     def _values_from_hidden(self, hidden) -> torch.Tensor:
         head = self.value_head
@@ -253,7 +255,7 @@ class RoleModel(nn.Module):
             return self._token_logprobs(role, hidden, input_ids, temperature)
 
     def response_log_probs(self, prompt_ids, prompt_mask, response_ids, response_mask, role: str = "actor",
-                           temperature: float = 1.0) -> torch.Tensor:
+                           temperature: float = 1.0, entropy: bool = False):
         """(B, R) log p(y_r | x, y_<r) of every response token under `role` (`actor`/`reference`).
 
         prompt_ids, prompt_mask: (B, P), left-padded. response_ids, response_mask: (B, R),
@@ -263,14 +265,17 @@ class RoleModel(nn.Module):
         over its prompt's cache, and the LM head runs on response positions only. The numbers
         are those of `log_probs` over prompt + response (same positions, same attention) up to
         float rounding, and gradients flow through the cache into the prompts' pass. Without
-        a shared prompt it is one `log_probs` pass over the whole rows.
+        a shared prompt it is one pass over the whole rows. With `entropy` it returns
+        (log-probs, entropies), both (B, R): the entropy of the distribution each token came from.
         """
         check_role(role, [r for r in self.served_roles if r in ("actor", REFERENCE)])
         P = prompt_ids.shape[1]
         distinct, row_prompt = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
         if len(distinct) == len(prompt_ids):
             ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask.long(), response_mask.long()], 1)
-            return self.log_probs(ids, mask, role=role, temperature=temperature)[:, P - 1 :]
+            with self._activate(role):
+                hidden = self._backbone(role, ids, mask)[:, P - 1 :]  # (B, R + 1, H): the LM head on responses only
+                return self._token_logprobs(role, hidden, ids[:, P - 1 :], temperature, entropy)
         from transformers import DynamicCache
 
         u_ids, u_mask = distinct[:, :P], distinct[:, P:]  # (U, P) each
@@ -289,7 +294,7 @@ class RoleModel(nn.Module):
                               use_cache=True, **kw).last_hidden_state  # (B, R, H)
             hidden = torch.cat([last[row_prompt], hidden], 1)  # (B, R + 1, H): position t scores token t + 1
             targets = torch.cat([response_ids[:, :1], response_ids], 1)  # the first column is never scored
-            return self._token_logprobs(role, hidden, targets, temperature)
+            return self._token_logprobs(role, hidden, targets, temperature, entropy)
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
         """(B, T) critic value of each prefix x_{<=t} (critic adapter or model + value head)."""

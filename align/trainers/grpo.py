@@ -44,7 +44,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     run = RLRun(cfg, hydra_cfg, roles=("actor",), headline=("reward/mean", "eval/reward", "time/step"))
     estimator = ADVANTAGE_ESTIMATORS.get(algo.advantage_estimator)
     loss = ActorLoss(clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
-                     agg=algo.loss_agg, kl_coef=algo.kl_coef, kl_kind=algo.kl_kind,
+                     agg=algo.loss_agg, kl_coef=algo.kl_coef, kl_kind=algo.kl_kind, entropy_coef=algo.entropy_coef,
                      micro_batch_size=cfg.trainer.batch_size)
     with run.guard():
         run.initial_eval()

@@ -49,7 +49,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     kl_ctl = KLController(run.state.get("kl_coef", algo.kl_coef), algo.kl_controller == "adaptive",
                           algo.kl_target, algo.kl_horizon)
     actor_loss = ActorLoss(clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
-                           agg=algo.loss_agg, micro_batch_size=cfg.trainer.batch_size)
+                           agg=algo.loss_agg, entropy_coef=algo.entropy_coef,
+                           micro_batch_size=cfg.trainer.batch_size)
     critic_loss = CriticLoss(value_clip=algo.value_clip, agg=algo.loss_agg, vf_coef=algo.vf_coef,
                              micro_batch_size=cfg.trainer.batch_size)
     with run.guard():

@@ -77,6 +77,7 @@ class ActorLoss:
     agg: str = "token-mean"
     kl_coef: float = 0.0  # > 0: k-estimator KL to the reference inside the loss (GRPO)
     kl_kind: str = "k3"
+    entropy_coef: float = 0.0  # > 0: an entropy bonus, aggregated like the policy loss
     micro_batch_size: int = 8
 
 
@@ -190,9 +191,12 @@ class ModelWorker:
     def update_actor(self, minibatches: Sequence[Experience], normalisers: Sequence[float], loss: ActorLoss) -> dict:
         """One optimizer step per minibatch (this replica's shard of it), in micro-batches."""
         from align.core import grpo_kl_loss, ppo_policy_loss
+        from align.core.masked import aggregate_loss, masked_mean
 
         def micro_loss(mb: Experience, normaliser: float):
-            logp = self.model.response_log_probs(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+            out = self.model.response_log_probs(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask,
+                                                entropy=loss.entropy_coef > 0)
+            logp, entropy = out if loss.entropy_coef > 0 else (out, None)
             # No recomputed old log-probs: the update is on-policy (one step per iteration), ratio = 1.
             old = mb.old_logp if mb.old_logp is not None else logp.detach()
             total, stats = ppo_policy_loss(logp, old, mb.advantages, mb.response_mask, loss.clip_eps_low,
@@ -203,6 +207,10 @@ class ModelWorker:
                                                  agg=loss.agg, normaliser=normaliser)
                 total = total + loss.kl_coef * kl_loss
                 stats["kl_loss"] = kl_loss.detach()
+            if entropy is not None:
+                bonus = aggregate_loss(entropy, mb.response_mask, loss.agg, normaliser)
+                total = total - loss.entropy_coef * bonus
+                stats["entropy"] = masked_mean(entropy.detach(), mb.response_mask)
             return total, stats
 
         return self._update("actor", minibatches, normalisers, loss.micro_batch_size, micro_loss)

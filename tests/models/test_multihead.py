@@ -365,12 +365,16 @@ def grouped_rollouts(G: int = 3, seed: int = 0):
     return prompt_ids, prompt_mask, response_ids, response_mask
 
 
+@pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("role", ["actor", "reference"])
-def test_shared_prompt_log_probs_equal_the_whole_sequence_pass(model, role):
-    """Each distinct prompt runs once for its G responses: the log-probs of every real response
-    token, and the actor adapter's gradients through them, equal those of the plain forward
-    over prompt + response rows."""
-    prompt_ids, prompt_mask, response_ids, response_mask = grouped_rollouts()
+def test_shared_prompt_log_probs_equal_the_whole_sequence_pass(model, role, G):
+    """Each distinct prompt runs once for its G responses (G = 1: nothing shared, whole rows with
+    the LM head on response positions): the log-probs of every real response token, and the
+    actor adapter's gradients through them, equal those of the plain forward over prompt +
+    response rows; the entropies equal those of the plain forward's logits."""
+    from align.core import entropy_from_logits
+
+    prompt_ids, prompt_mask, response_ids, response_mask = grouped_rollouts(G)
     P = prompt_ids.shape[1]
     ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask.long()], 1)
     weights = torch.randn(response_ids.shape, generator=torch.Generator().manual_seed(1)) * response_mask
@@ -378,7 +382,8 @@ def test_shared_prompt_log_probs_equal_the_whole_sequence_pass(model, role):
     for shared in (True, False):
         model.zero_grad(set_to_none=True)
         if shared:
-            logp = model.response_log_probs(prompt_ids, prompt_mask, response_ids, response_mask, role=role)
+            logp, entropy = model.response_log_probs(prompt_ids, prompt_mask, response_ids, response_mask, role=role,
+                                                     entropy=True)
         else:
             logp = model.log_probs(ids, mask, role=role)[:, P - 1 :]
         grads = []
@@ -390,6 +395,10 @@ def test_shared_prompt_log_probs_equal_the_whole_sequence_pass(model, role):
     real = response_mask
     assert shared_logp.shape == plain_logp.shape == response_ids.shape
     torch.testing.assert_close(shared_logp[real], plain_logp[real], atol=2e-5, rtol=0)
+    with torch.no_grad(), model.using(role) as lm:
+        plain_entropy = entropy_from_logits(lm(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1])
+    torch.testing.assert_close(entropy.detach()[real], plain_entropy[real], atol=2e-5, rtol=0)
+    assert float(entropy[real].min()) > 0
     for a, b in zip(shared_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     if role == "actor":

@@ -66,3 +66,34 @@ def test_merged_copy_generates_what_the_actor_would_and_follows_each_sync(storie
     restored = ModelWorker(_spec(stories_path, True))
     restored.load(str(tmp_path))
     assert torch.equal(restored.generate(prompts, [0, 1, 2], GREEDY).response_ids, fresh.response_ids)
+
+
+def test_entropy_bonus_raises_the_policys_entropy_and_is_off_by_default(stories_path, prompts):
+    """With zero advantages and no KL term the policy loss has no gradient: a step with
+    entropy_coef 0 leaves the actor as it was; with entropy_coef > 0 the same step raises the
+    policy's mean entropy on the batch, and the update reports it."""
+    from align.core.masked import masked_mean
+    from align.trainers.rl import update_plan
+    from align.workers.worker import combine_stats
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    worker = ModelWorker(_spec(stories_path, False))
+    batch = worker.generate(prompts, [0, 1, 2], SamplingParams(n=2, max_new_tokens=12, seed=1))
+    batch = batch.replace(advantages=torch.zeros(batch.response_ids.shape))
+    minibatches, normalisers = update_plan(batch, epochs=1, num_minibatches=1, agg="token-mean", max_len=12, seed=0)
+
+    def mean_entropy() -> float:
+        with torch.no_grad():
+            _, entropy = worker.model.response_log_probs(batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                                         batch.response_mask, entropy=True)
+        return float(masked_mean(entropy, batch.response_mask))
+
+    before, weights = mean_entropy(), worker.trainable_state("actor")
+    stats = combine_stats([worker.update_actor(minibatches, normalisers, ActorLoss(micro_batch_size=16))], "actor")
+    assert "actor/entropy" not in stats
+    assert all(torch.equal(a, b) for a, b in zip(weights, worker.trainable_state("actor")))
+    stats = combine_stats([worker.update_actor(minibatches, normalisers, ActorLoss(entropy_coef=1.0,
+                                                                                   micro_batch_size=16))], "actor")
+    assert stats["actor/entropy"] == pytest.approx(before, rel=1e-4)
+    assert mean_entropy() > before + 0.05, (before, mean_entropy())

@@ -25,6 +25,7 @@ def test_shipped_rl_configs_compose_with_lora_story_prompts_and_a_held_out_split
     ({"loss_agg": "mean"}, "algo.loss_agg"),
     ({"kl_kind": "k4"}, "algo.kl_kind"),
     ({"dual_clip": 1.0}, "algo.dual_clip"),
+    ({"entropy_coef": -0.01}, "algo.entropy_coef"),
 ])
 def test_bad_grpo_values_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key):
