@@ -54,11 +54,11 @@ work; transformers 5.24, TRL 1.16, 2026-11-29):
 
     workload  ours s/step  TRL s/step  speedup (wall)      CPU speedup   (repeats)
     story     1.97-2.05    2.67-2.94   1.35 (1.30-1.44)    1.28          3 pairs
-    gsm8k     3.97         10.30       2.60                2.44          1 pair
+    gsm8k     3.76-4.09    9.75-10.74  2.61 (2.60-2.62)    2.47          3 pairs
 
 Phases (wall s, story): generate 0.81-0.89 vs TRL 1.27-1.32; reference 0.26-0.30 vs 0.31-0.37;
-update 0.85-0.95 vs 0.98-1.19. gsm8k: generate 1.53 vs 2.95, reference 0.52 vs 1.60, update
-1.90 vs 5.84. What makes the difference, each measured alone:
+update 0.85-0.95 vs 0.98-1.19. gsm8k: generate 1.56 vs 3.09, reference 0.52 vs 1.56, update
+1.86 vs 5.78. What makes the difference, each measured alone:
 - the rollout copy (`rollout.merged_copy`): generating through LoRA layers cost ~40% more;
 - each distinct prompt prefilled once for its G samples, logits on the last position only;
 - in the update and the reference pass each prompt runs once for its G rows
