@@ -62,20 +62,13 @@ def build_reward_model(cfg: ModelConfig):
     `cfg.lora` plus the score head) over the frozen base, the layout PPO loads it into.
     finetune=full: `SeparateModels` holding the whole model plus the score head, no reference.
     """
-    from align.models.loading import ensure_pad_token, load_causal_lm, load_tokenizer
+    from align.trainers.setup import load_base, role_config
 
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-    extra = {"quantization": cfg.quantization} if cfg.quantization else {}
-    base = load_causal_lm(cfg.name_or_path, dtype=cfg.dtype, device=cfg.device,
-                          trust_remote_code=cfg.trust_remote_code, **extra)
-    ensure_pad_token(tokenizer, base)
+    base, tokenizer = load_base(cfg)
     if cfg.finetune == "lora":
-        from align.models.multihead import MultiHeadModel, RoleConfig
+        from align.models.multihead import MultiHeadModel
 
-        target = cfg.lora.target_modules
-        role = RoleConfig(r=cfg.lora.r, alpha=float(cfg.lora.alpha), dropout=cfg.lora.dropout,
-                          target_modules=target if isinstance(target, str) else tuple(target))
-        model = MultiHeadModel(base, {"reward": role}, pad_token_id=tokenizer.pad_token_id)
+        model = MultiHeadModel(base, {"reward": role_config(cfg)}, pad_token_id=tokenizer.pad_token_id)
     else:
         from align.models.separate import SeparateModels
 

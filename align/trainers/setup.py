@@ -9,17 +9,33 @@ from align.config import DataConfig, ModelConfig
 from align.models.loading import ensure_pad_token, load_causal_lm, load_tokenizer
 
 
+def load_base(cfg: ModelConfig):
+    """The configured causal LM (dtype, device, optional 4-bit base) and its tokenizer, with a
+    pad token set on both when the tokenizer has none: what every model builder starts from."""
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    extra = {"quantization": cfg.quantization} if cfg.quantization else {}
+    model = load_causal_lm(cfg.name_or_path, dtype=cfg.dtype, device=cfg.device,
+                           trust_remote_code=cfg.trust_remote_code, **extra)
+    ensure_pad_token(tokenizer, model)
+    return model, tokenizer
+
+
+def role_config(cfg: ModelConfig):
+    """`cfg.lora` as the `RoleConfig` of a role of the shared multi-head model."""
+    from align.models.multihead import RoleConfig
+
+    target = cfg.lora.target_modules
+    return RoleConfig(r=cfg.lora.r, alpha=float(cfg.lora.alpha), dropout=cfg.lora.dropout,
+                      target_modules=target if isinstance(target, str) else tuple(target))
+
+
 def build_policy(cfg: ModelConfig):
     """The model a trainer updates, and its tokenizer (with a pad token).
 
     finetune=full: every parameter trains. finetune=lora: a peft LoRA adapter over a frozen
     base (`cfg.lora`), optionally a 4-bit base (`quantization=nf4`, QLoRA).
     """
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-    extra = {"quantization": cfg.quantization} if cfg.quantization else {}
-    model = load_causal_lm(cfg.name_or_path, dtype=cfg.dtype, device=cfg.device,
-                           trust_remote_code=cfg.trust_remote_code, **extra)
-    ensure_pad_token(tokenizer, model)
+    model, tokenizer = load_base(cfg)
     if cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 

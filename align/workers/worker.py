@@ -274,18 +274,10 @@ class ModelWorker:
     def sync_rollout(self) -> int:
         """Bring the rollout engine up to date with the actor; returns the bytes copied. A merged
         copy gets W + scale * B @ A of every adapted layer; an engine over the actor's own
-        parameters needs nothing."""
-        if self.rollout_model is not None:
-            return self.model.refresh_merged_actor(self.rollout_model)
-        if self.engine is None or self.engine.role is not None:
-            return 0  # no engine here, or it runs the actor's own parameters: nothing moves
-        if self.model.is_lora:
-            sd = self.model.sync_state_dict("actor")
-            self.engine.update_weights(lora=sd)
-        else:
-            sd = self.model.sync_state_dict("actor")
-            self.engine.update_weights(state_dict=sd)
-        return sum(t.numel() * t.element_size() for t in sd.values())
+        parameters (or no engine) needs nothing."""
+        if self.rollout_model is None:
+            return 0
+        return self.model.refresh_merged_actor(self.rollout_model)
 
     def save(self, path: str) -> None:
         """Rank 0 writes every role (adapter / weights and head) and the optimizer and schedule
@@ -327,24 +319,17 @@ def build_role_model(spec: WorkerSpec):
     """The worker's model and tokenizer: a `MultiHeadModel` (model.finetune=lora: one base, an
     adapter per role from `model.lora`) or `SeparateModels` (full: a copy per role, the base as
     the frozen reference)."""
-    from align.models.loading import ensure_pad_token, load_causal_lm, load_tokenizer
+    from align.trainers.setup import load_base, role_config
 
     mcfg = spec.model
-    tokenizer = load_tokenizer(mcfg.tokenizer or mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code)
-    extra = {"quantization": mcfg.quantization} if mcfg.quantization else {}
-    base = load_causal_lm(mcfg.name_or_path, dtype=mcfg.dtype, device=mcfg.device,
-                          trust_remote_code=mcfg.trust_remote_code, **extra)
-    ensure_pad_token(tokenizer, base)
+    base, tokenizer = load_base(mcfg)
     roles = tuple(spec.roles)
     if spec.reward_model_path and "reward" not in roles:
         roles += ("reward",)
     if mcfg.finetune == "lora":
-        from align.models.multihead import MultiHeadModel, RoleConfig
+        from align.models.multihead import MultiHeadModel
 
-        lora = mcfg.lora
-        target = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
-        role_cfg = RoleConfig(r=lora.r, alpha=float(lora.alpha), dropout=lora.dropout, target_modules=target)
-        model = MultiHeadModel(base, {r: role_cfg for r in roles}, pad_token_id=tokenizer.pad_token_id)
+        model = MultiHeadModel(base, {r: role_config(mcfg) for r in roles}, pad_token_id=tokenizer.pad_token_id)
     else:
         from align.models.separate import SeparateModels
 
