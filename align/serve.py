@@ -319,11 +319,13 @@ class _StreamText:
         self.sent = ""
 
     def add(self, token: int) -> str:
+        from rollout.base import first_stop
+
         self.ids.append(token)
         text = self.decode(self.prompt, self.ids)
         # A stop string found ends the row here (the engine saw it too): cut before it.
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        return self._send(text[: min(found, default=len(text) - self.hold)].rstrip("\ufffd"))
+        cut = first_stop(text, self.stops)
+        return self._send(text[: len(text) - self.hold if cut is None else cut].rstrip("\ufffd"))
 
     def finish(self, text: str) -> str:
         """What remains of the sample's final text."""

@@ -114,6 +114,12 @@ class RolloutEngine(Protocol):
         ...
 
 
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Character index of the earliest stop string in `text` (empty ones ignored), or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
 def streams_tokens(engine) -> bool:
     """Whether `engine` has the optional streaming methods of `RolloutEngine`."""
     return "on_step" in inspect.signature(engine.generate).parameters and hasattr(engine, "response_text")

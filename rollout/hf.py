@@ -38,7 +38,7 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 import torch
 from torch import nn
 
-from rollout.base import RolloutOutput, RolloutSample, SamplingParams
+from rollout.base import RolloutOutput, RolloutSample, SamplingParams, first_stop
 
 # Prompt tokens decoded in front of a response so its first token reads as it does in context.
 _DECODE_CONTEXT = 4
@@ -124,7 +124,7 @@ class HFEngine:
             # A stop token's own text is left out (vLLM does the same), special or not.
             on_stop_token = reason == "stop" and token_ids[-1] in stop_ids
             text = self.response_text(rows[i], token_ids[:-1] if on_stop_token else token_ids)
-            cut = _first_stop(text, params.stop)
+            cut = first_stop(text, params.stop)
             samples.append(
                 RolloutSample(
                     prompt_index=i // params.n,
@@ -259,7 +259,7 @@ class HFEngine:
             if d:
                 continue
             texts_ids[i].append(t)
-            if _first_stop(self.response_text(rows[i], texts_ids[i]), stops) is not None:
+            if first_stop(self.response_text(rows[i], texts_ids[i]), stops) is not None:
                 hit[i] = True
         return hit
 
@@ -311,9 +311,9 @@ class HFEngine:
             if t in stop_ids:
                 ids, reason = ids[: j + 1], "stop"
                 break
-        if stops and _first_stop(self.response_text(prompt, ids), stops) is not None:
+        if stops and first_stop(self.response_text(prompt, ids), stops) is not None:
             for j in range(len(ids)):
-                if _first_stop(self.response_text(prompt, ids[: j + 1]), stops) is not None:
+                if first_stop(self.response_text(prompt, ids[: j + 1]), stops) is not None:
                     ids, reason = ids[: j + 1], "stop"
                     break
         return ids, [], reason
@@ -399,12 +399,6 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
             input_ids[i, T - len(r) :] = torch.tensor(r)
             attention_mask[i, T - len(r) :] = 1
     return input_ids.to(device), attention_mask.to(device)
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Character index of the earliest stop string in `text`, or None."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
