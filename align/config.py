@@ -181,6 +181,9 @@ class RolloutConfig:
     actor's adapter merged in, refreshed at every weight sync (one more copy of the base weights,
     as a vLLM engine holds; generation about 1.7x faster on CPU). false: generate through the
     adapter on the one shared base (least memory).
+    fast_decode: the HF engine decodes Llama, Mistral and Qwen2 models with its lean decode step
+    (`rollout.fast_decode`: same logits, about 1.5x faster generation on CPU); false runs the
+    model's own forward for every token. Other models and LoRA layers always use the forward.
     """
 
     backend: str = "hf"
@@ -193,6 +196,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     sleep_when_training: bool = True
     merged_copy: bool = True
+    fast_decode: bool = True
 
     def __post_init__(self):
         _one_of("rollout.backend", self.backend, ("hf", "vllm"))

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from rollout.base import RolloutOutput, RolloutSample, SamplingParams, first_stop
+from rollout.fast_decode import LlamaDecoder
 
 # Prompt tokens decoded in front of a response so its first token reads as it does in context.
 _DECODE_CONTEXT = 4
@@ -56,6 +57,9 @@ class HFEngine:
     role:           optional zero-argument callable returning a context manager that yields the
                     module to generate with, e.g. `lambda: multihead.using("actor")`. The engine
                     then runs the trainer's own parameters, and `update_weights` is a no-op.
+    fast_decode:    decode Llama-family models with `rollout.fast_decode.LlamaDecoder` (same
+                    logits to float rounding, about 2x faster per step on CPU); other models, or
+                    False, use the model's own forward for every step.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class HFEngine:
         max_batch_size: int = 64,
         eos_token_id: int | Iterable[int] | None = None,
         role: Callable[[], ContextManager[nn.Module]] | None = None,
+        fast_decode: bool = True,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -73,6 +78,7 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.role = role
+        self.fast_decode = fast_decode
         self.eos_token_ids = _resolve_eos(eos_token_id, tokenizer, model)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
@@ -205,9 +211,16 @@ class HFEngine:
         out = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                      logits_to_keep=1)
         cache, logits = out[cache_kw], out.logits[:, -1].float()  # (U, V)
-        if len(distinct) < B:
-            cache.batch_select_indices(row_prompt)
+        shared = len(distinct) < B
+        if shared:
             logits, attention_mask, position_ids = logits[row_prompt], attention_mask[row_prompt], position_ids[row_prompt]
+        total_length = attention_mask.shape[1] + int(budget.max())
+        decoder = LlamaDecoder.build(module, total_length) if self.fast_decode else None
+        if decoder is not None:  # the lean step takes over the cache (rollout.fast_decode)
+            decoder.start(cache, attention_mask, row_prompt if shared else None, total_length)
+            cache = None
+        elif shared:
+            cache.batch_select_indices(row_prompt)
         next_position = position_ids[:, -1:] + 1  # (B, 1)
 
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -233,6 +246,10 @@ class HFEngine:
             if bool(done.all()):
                 break
 
+            if decoder is not None:
+                logits = decoder.step(token, next_position[:, 0]).float()
+                next_position = next_position + 1
+                continue
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=-1)
             out = module(
                 input_ids=token[:, None],
@@ -243,7 +260,7 @@ class HFEngine:
             )
             cache, logits = out[cache_kw], out.logits[:, -1].float()
             next_position = next_position + 1
-        del cache
+        del cache, decoder
 
         tokens_t = torch.stack(tokens, dim=1).tolist()  # (B, steps)
         logprobs_t = torch.stack(logprobs, dim=1).tolist()

@@ -123,7 +123,7 @@ class RLRun:
             model=m, trainer=self.tcfg, roles=tuple(roles), reward_model_path=cfg.reward.model_path,
             critic_init_from_reward=getattr(self.algo, "critic_init_from_reward", False),
             critic_lr=getattr(self.algo, "critic_lr", None), forward_batch_size=self.algo.forward_batch_size,
-            seed=cfg.seed, merged_rollout=cfg.rollout.merged_copy,
+            seed=cfg.seed, merged_rollout=cfg.rollout.merged_copy, fast_decode=cfg.rollout.fast_decode,
         )
         self.placement = build_placement(spec, roles, cfg.cluster, run_id=f"{self.algo.name}-{os.getpid()}-{id(self):x}")
         workers = [info for g in self.placement.unique_groups() for info in g.workers_info]

@@ -51,7 +51,7 @@ class WorkerSpec:
         tests that compare gradients through the weights). merged_rollout: with a LoRA actor on an
         unquantized base, generate from a plain copy of the base with the actor's adapter merged
         in, refreshed at every weight sync (`rollout.merged_copy`); otherwise generate through
-        the adapter on the shared weights.
+        the adapter on the shared weights. fast_decode: `rollout.fast_decode`, for the HF engine.
     """
 
     model: ModelConfig
@@ -65,6 +65,7 @@ class WorkerSpec:
     num_threads: int = 1
     optimizer: str = "adamw"
     merged_rollout: bool = True
+    fast_decode: bool = True
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,8 @@ class ModelWorker:
         if "actor" in self.model.roles:
             from rollout.hf import HFEngine
 
-            engine_kw = dict(max_batch_size=spec.forward_batch_size, eos_token_id=self.tokenizer.eos_token_id)
+            engine_kw = dict(max_batch_size=spec.forward_batch_size, eos_token_id=self.tokenizer.eos_token_id,
+                             fast_decode=spec.fast_decode)
             if spec.merged_rollout and self.model.can_merge_actor:
                 # LoRA layers cost ~40% of a decode step on CPU; a merged copy runs at the bare model's speed.
                 self.rollout_model = self.model.merged_actor_copy()
