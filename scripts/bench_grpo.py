@@ -52,21 +52,25 @@ Start-up (Ray, workers, model loading) is outside the steps; `total_seconds` sho
 Measured (defaults, one thread, 2-core shared CPU whose step times swing 1.4-2.4 s for the same
 work; transformers 5.24, TRL 1.16, 2026-11-29):
 
-    workload  ours s/step  TRL s/step  speedup (wall)      CPU speedup   (repeats)
-    story     1.97-2.05    2.67-2.94   1.35 (1.30-1.44)    1.28          3 pairs
-    gsm8k     3.76-4.09    9.75-10.74  2.61 (2.60-2.62)    2.47          3 pairs
+    workload  ours s/step  TRL s/step  speedup (wall)      CPU speedup          (repeats)
+    story     1.61-1.89    2.79-3.11   1.89 (1.48-1.94)    1.71 (1.38-1.83)     3 pairs
+    gsm8k     2.88-3.12    9.75-10.57  3.30 (3.29-3.68)    3.10 (3.10-3.42)     3 pairs
 
-Phases (wall s, story): generate 0.81-0.89 vs TRL 1.27-1.32; reference 0.26-0.30 vs 0.31-0.37;
-update 0.85-0.95 vs 0.98-1.19. gsm8k: generate 1.56 vs 3.09, reference 0.52 vs 1.56, update
-1.86 vs 5.78. What makes the difference, each measured alone:
+(The pair at 1.48 had ours at 1.89 s/step against 1.61 in the other two, the host's noise.)
+Phases (wall s, story): generate 0.53-0.58 vs TRL 1.39-1.41; reference 0.25-0.31 vs 0.34-0.38;
+update 0.85-1.01 vs 1.11-1.38. gsm8k: generate 0.86-0.95 vs 2.76-3.20, reference 0.45-0.47 vs
+1.50-1.61, update 1.58-1.67 vs 5.38-5.71. What makes the difference, each measured alone:
+- the lean decode step (`rollout.fast_decode`): the same Llama step in plain tensor ops over a
+  KV cache allocated once, instead of the model's forward (module calls, mask building and the
+  cache's `torch.cat` growth were most of a decode step): generation 1.5x faster;
 - the rollout copy (`rollout.merged_copy`): generating through LoRA layers cost ~40% more;
 - each distinct prompt prefilled once for its G samples, logits on the last position only;
 - in the update and the reference pass each prompt runs once for its G rows
   (`RoleModel.response_log_probs`) and the LM head only on response tokens: the longer the
   prompt, the larger the saving (TRL runs every row's prompt, G times);
 - inverse-CDF sampling instead of `torch.multinomial` (1 ms of a 12 ms decode step).
-With 19-token prompts the 1.5x target is not reached; the remaining decode step is the KV
-cache's growth by `torch.cat` (35% of it) and SDPA's CPU kernel at head_dim 8.
+The update is now half of our step on the story workload, and compute: LoRA matmuls and SDPA's
+CPU kernel (head_dim 8) forward and backward.
 """
 
 from __future__ import annotations
