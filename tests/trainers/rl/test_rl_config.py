@@ -47,11 +47,16 @@ def test_bad_ppo_values_name_the_key(kwargs, key):
         PPOConfig(**kwargs)
 
 
-def test_vllm_rollout_backend_is_refused_for_rl_until_wired(tmp_path):
-    """RL workers generate with the HF engine; asking for vLLM must fail loudly, not be ignored."""
+def test_vllm_rollout_without_vllm_fails_before_any_worker_starts(tmp_path):
+    """Where vLLM is not installed, rollout=vllm is refused up front, naming the key and the
+    install (the run with vLLM is tests/vllm_backend/test_vllm_rl.py)."""
+    import importlib.util
+
     from align.config import ConfigError, compose
     from align.trainers.rl import RLRun
 
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
     cfg, raw = compose(["algo=grpo", "rollout=vllm", f"output_dir={tmp_path}"])
-    with pytest.raises(ConfigError, match="rollout.backend"):
+    with pytest.raises(ConfigError, match=r"rollout.backend=vllm.*pip install"):
         RLRun(cfg, raw, roles=("actor",), headline=("reward/mean",))
