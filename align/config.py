@@ -209,7 +209,11 @@ class RewardConfig:
     """A registered reward (`rewards.get_reward(name, **options)`), or a trained reward model.
 
     RL sequence score = rule score (when `name` is set) + model_weight * reward-model score (when
-    `model_path` is set: a folder written by `save_role("reward", ...)`, an adapter + score head).
+    `model_path` is set). model_path: a folder written by `save_role("reward", ...)` (the RM job's
+    output: an adapter or weights + score head for the policy's own base, served as the shared
+    model's reward role), or a Hugging Face sequence classifier with one output, folder or hub id,
+    of any size, architecture and tokenizer (`align.models.scorer`: it reads the prompt and response
+    as text, through its own chat template; in split placement its workers load nothing else).
     """
 
     name: Optional[str] = "story"

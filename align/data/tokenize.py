@@ -186,11 +186,12 @@ def tokenize_prompts(
     overlong: str = "truncate_left",
     stats: DataStats | None = None,
 ) -> list[dict[str, Any]]:
-    """RL prompts: `{"prompt_ids", "prompt", "ground_truth", "metadata"}`.
+    """RL prompts: `{"prompt_ids", "prompt", "source", "ground_truth", "metadata"}`.
 
     Takes anything with a `.prompt` (PromptExample, PairExample, ...) or plain strings; message
     prompts are rendered with the generation prompt. `prompt` is the full rendered text (before
-    any truncation); `prompt_ids` are left-truncated to `max_prompt_length`, BOS kept.
+    any truncation); `source` the prompt as given (text or messages, what a reward model with its
+    own chat template renders); `prompt_ids` are left-truncated to `max_prompt_length`, BOS kept.
     """
     _check_overlong(overlong)
     stats = stats if stats is not None else DataStats()
@@ -200,7 +201,8 @@ def tokenize_prompts(
         for ex, text, ids in zip(chunk, texts, enc.encode([(t, "start") for t in texts])):
             ids = _fit_prompt(enc, ids, max_prompt_length, overlong, stats)
             if ids is not None:
-                out.append({"prompt_ids": ids, "prompt": text, "ground_truth": getattr(ex, "ground_truth", None),
+                out.append({"prompt_ids": ids, "prompt": text, "source": getattr(ex, "prompt", ex),
+                            "ground_truth": getattr(ex, "ground_truth", None),
                             "metadata": dict(getattr(ex, "metadata", {}) or {})})
     stats.examples_tokenized += len(out)
     return out

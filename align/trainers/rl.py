@@ -216,6 +216,8 @@ class RLRun:
             scores += torch.tensor(rule, dtype=torch.float32)
             metrics.update({f"reward/{k}": sum(v) / len(v) for k, v in parts.items() if v})
         if self.uses_reward_model:
+            # the prompts as the data gave them: a reward model with its own tokenizer renders them itself
+            batch = batch.replace(prompts=[items[g]["source"] for g in batch.group_ids.tolist()])
             batch = self.placement.annotate(batch, ("reward",))
             scores += self.cfg.reward.model_weight * batch.rm_scores
             metrics["reward/model"] = float(batch.rm_scores.mean())

@@ -52,6 +52,8 @@ class Experience:
     returns:       (B, R) value targets (PPO).
     response_text: the decoded responses, one per row.
     finish_reason: "stop" or "length", one per row.
+    prompts:       each row's prompt as the data gave it (text, or chat messages), for a reward
+                   model with a tokenizer of its own (`align.models.scorer`); set by the driver.
     """
 
     prompt_ids: Tensor
@@ -70,6 +72,7 @@ class Experience:
     returns: Tensor | None = None
     response_text: list[str] = field(default_factory=list)
     finish_reason: list[str] = field(default_factory=list)
+    prompts: list = field(default_factory=list)
 
     # ---- shape helpers ---------------------------------------------------------------------
     def __len__(self) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from align.workers.batch import Experience
-from align.workers.worker import ModelWorker, WorkerSpec
+from align.workers.worker import ModelWorker, ScorerWorker, WorkerSpec
 
 
 def init_local_ray(num_cpus: int | None = None, include_dashboard: bool = False, attempts: int = 3) -> None:
@@ -46,17 +46,19 @@ class WorkerGroup:
     """`num_replicas` Ray actors hosting the same model, joined by torch.distributed when N > 1.
 
     Each actor reserves `num_cpus` CPUs and `num_gpus` GPUs and is named `<run>/<name>-<rank>`
-    (visible in `ray list actors`).
+    (visible in `ray list actors`). `worker_cls`: `ModelWorker`, or `ScorerWorker` for a reward
+    model with a base of its own.
     """
 
     def __init__(self, name: str, spec: WorkerSpec, *, num_replicas: int = 1, num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, run_id: str = "align", start_timeout_s: float = 300.0):
+                 num_gpus: float = 0.0, run_id: str = "align", start_timeout_s: float = 300.0,
+                 worker_cls: type = ModelWorker):
         import ray
 
         self.name = name
         self.size = num_replicas
         threads = max(1, int(num_cpus))
-        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0)(ModelWorker)
+        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0)(worker_cls)
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         self.actors = [
             actor_cls.options(name=f"{run_id}/{name}-{rank}", runtime_env={"env_vars": env}).remote(
@@ -202,6 +204,8 @@ def build_placement(spec: WorkerSpec, roles: Sequence[str], cluster, run_id: str
     """Worker groups for `roles` under `cluster.placement` (colocated or split)."""
     from dataclasses import replace
 
+    from align.models.scorer import reward_model_kind
+
     kw = dict(num_replicas=cluster.num_replicas, num_cpus=cluster.num_cpus_per_worker,
               num_gpus=cluster.num_gpus_per_worker, run_id=run_id, start_timeout_s=cluster.worker_start_timeout_s)
     if cluster.placement == "colocated":
@@ -216,4 +220,10 @@ def build_placement(spec: WorkerSpec, roles: Sequence[str], cluster, run_id: str
 
     if spec.reward_model_path:
         roles = (*roles, "reward")
-    return Placement({role: WorkerGroup(role, role_spec(role), **kw) for role in roles})
+    def worker_cls(role: str) -> type:
+        # a reward model with a base of its own: its workers load only that classifier
+        if role == "reward" and reward_model_kind(spec.reward_model_path) == "classifier":
+            return ScorerWorker
+        return ModelWorker
+
+    return Placement({role: WorkerGroup(role, role_spec(role), worker_cls=worker_cls(role), **kw) for role in roles})

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from align.config import ModelConfig, RolloutConfig, TrainerConfig
+from align.models.scorer import reward_model_kind
 from align.workers.batch import Experience, _pad_to, from_rollout
 
 # annotate(): which Experience field each role fills.
@@ -108,6 +109,8 @@ class ModelWorker:
         seed_everything(spec.seed)
         self.model, self.tokenizer = build_role_model(spec)
         self.device = next(self.model.parameters()).device  # batches arrive on the CPU
+        # A reward model with a base of its own (reward.model_path a classifier, not a reward role).
+        self.scorer = build_scorer(spec) if "reward" not in self.model.roles else None
         self.engine, self.rollout_model = None, None
         if "actor" in self.model.roles and spec.rollout.backend == "vllm":
             self.engine = self._vllm_engine()
@@ -142,7 +145,7 @@ class ModelWorker:
         import socket
 
         return {"name": self.name, "rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
-                "roles": list(self.model.roles)}
+                "roles": list(self.model.roles) + (["reward"] if self.scorer is not None else [])}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a free port, for rank 0 to host the process group."""
@@ -180,9 +183,15 @@ class ModelWorker:
     def annotate(self, batch: Experience, roles: Sequence[str]) -> dict[str, Tensor]:
         """No-grad passes per chunk for `roles`: {"ref_logp", "old_logp", "values": (B, R),
         "rm_scores": (B,)}. Policy log-probs run each distinct prompt once for its group's rows
-        (`response_log_probs`); values and scores run whole rows."""
+        (`response_log_probs`); values and scores run whole rows. A reward model of its own base
+        (`self.scorer`) scores the batch's text."""
         out: dict[str, list[Tensor]] = {ROLE_FIELDS[r]: [] for r in roles}
         R = batch.response_ids.shape[1]
+        if "reward" in roles and self.scorer is not None:
+            out["rm_scores"] = [self.scorer.score_batch(batch, self.tokenizer)]
+            roles = [r for r in roles if r != "reward"]
+            if not roles:
+                return {"rm_scores": out["rm_scores"][0]}
         policies = [r for r in roles if r in ("reference", "actor")]  # log-probs: a prompt shared by G rows runs once
         others = tuple(r for r in roles if r not in policies)
         was_training = self.model.training
@@ -376,7 +385,9 @@ def build_role_model(spec: WorkerSpec):
     mcfg = spec.model
     base, tokenizer = load_base(mcfg)
     roles = tuple(spec.roles)
-    if spec.reward_model_path and "reward" not in roles:
+    if spec.reward_model_path and reward_model_kind(spec.reward_model_path) == "classifier":
+        roles = tuple(r for r in roles if r != "reward")  # served by `build_scorer` instead
+    elif spec.reward_model_path and "reward" not in roles:
         roles += ("reward",)
     if mcfg.finetune == "lora":
         from align.models.multihead import MultiHeadModel
@@ -386,7 +397,7 @@ def build_role_model(spec: WorkerSpec):
         from align.models.separate import SeparateModels
 
         model = SeparateModels.from_base(base, roles, pad_token_id=tokenizer.pad_token_id)
-    if spec.reward_model_path:
+    if "reward" in roles and spec.reward_model_path:
         model.load_role("reward", spec.reward_model_path)
         for p in model.trainable_parameters("reward"):
             p.requires_grad_(False)
@@ -395,11 +406,70 @@ def build_role_model(spec: WorkerSpec):
     return model, tokenizer
 
 
+def build_scorer(spec: WorkerSpec):
+    """The `SequenceScorer` of a reward model with a base of its own (`reward.model_path` a
+    sequence classifier, see `align.models.scorer`), in the policy's dtype and device; None when
+    there is no reward model or it is a reward role of the shared model."""
+    if not spec.reward_model_path or reward_model_kind(spec.reward_model_path) != "classifier":
+        return None
+    from align.models.scorer import SequenceScorer
+
+    m = spec.model
+    return SequenceScorer(spec.reward_model_path, dtype=m.dtype, device=m.device,
+                          trust_remote_code=m.trust_remote_code, batch_size=spec.forward_batch_size)
+
+
+class ScorerWorker:
+    """The reward group's worker in split placement when the reward model has a base of its own:
+    it loads only that classifier (never the policy) and answers `annotate(batch, ("reward",))`.
+    Replicas score their shards independently; the model is frozen, so `save`/`load` keep nothing."""
+
+    def __init__(self, spec: WorkerSpec, name: str = "worker", rank: int = 0, world_size: int = 1):
+        from align.models.loading import load_tokenizer
+
+        self.spec, self.name, self.rank, self.world_size = spec, name, rank, world_size
+        torch.set_num_threads(max(1, spec.num_threads))
+        self.scorer = build_scorer(spec)
+        if self.scorer is None:
+            raise ValueError(f"ScorerWorker needs reward.model_path to be a sequence classifier, got {spec.reward_model_path!r}")
+        m = spec.model
+        self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+
+    def info(self) -> dict:
+        import socket
+
+        return {"name": self.name, "rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
+                "roles": ["reward"]}
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        return "127.0.0.1", 0  # no process group: nothing is reduced across scorer replicas
+
+    def init_distributed(self, master_addr: str, master_port: int) -> None:
+        pass
+
+    def annotate(self, batch: Experience, roles: Sequence[str]) -> dict[str, Tensor]:
+        if tuple(roles) != ("reward",):
+            raise ValueError(f"the reward model's worker serves the reward role only, asked {list(roles)}")
+        return {"rm_scores": self.scorer.score_batch(batch, self.tokenizer)}
+
+    def save(self, path: str) -> None:
+        pass  # frozen: reward.model_path is read again on resume
+
+    def load(self, path: str) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
 def init_critic_from_reward(model, reward_path: Optional[str]) -> None:
     """Critic adapter := reward adapter, value head := score head (bias 0): the critic starts
     out predicting the reward model's score of every prefix."""
     if not reward_path:
         raise ValueError("critic_init_from_reward needs reward.model_path (a saved reward role)")
+    if reward_model_kind(reward_path) != "role":
+        raise ValueError(f"critic_init_from_reward needs reward.model_path to be a reward role on the policy's base "
+                         f"(a save_role folder); {reward_path!r} is a classifier with a base of its own")
     if not getattr(model, "is_lora", False) or not hasattr(model, "peft"):
         raise ValueError("critic_init_from_reward needs model.finetune=lora (the shared multi-head model)")
     from align.models.multihead import load_lora_adapter
