@@ -127,3 +127,36 @@ def test_split_placement_with_rule_and_reward_model(ray_cluster, stories_path, t
     assert (ckpt / "actor" / "actor" / "adapter_model.safetensors").exists()
     assert (ckpt / "critic" / "critic" / "value_head.safetensors").exists()
     assert (ckpt / "reward" / "reward" / "score_head.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_split_placement_with_full_fine_tuning(ray_cluster, tmp_path):
+    """model=stories260k (full fine-tuning, separate models): the actor group holds the actor and a
+    frozen reference copy, the critic group its own model and value head. Two PPO iterations change
+    the actor's weights while the reference's log-probs stay those of the base."""
+    from transformers import AutoModelForCausalLM
+
+    from align.config import shared_data_dir
+    from align.trainers.ppo import train
+
+    cfg, hydra_cfg = compose([
+        "algo=ppo", "model=stories260k", f"output_dir={tmp_path / 'run'}", "cluster.placement=split",
+        "cluster.num_cpus_per_worker=0.5", "algo.rollout_batch_size=2", "algo.minibatch_size=4", "algo.eval_prompts=2",
+        "rollout.max_new_tokens=12", "trainer.max_steps=2", "trainer.save_every=2", "trainer.eval_every=2",
+        "trainer.progress=false",
+    ])
+    assert cfg.model.finetune == "full"
+    summary = train(cfg, hydra_cfg)
+
+    workers = json.loads((tmp_path / "run" / "workers.json").read_text())
+    assert {w["name"]: w["roles"] for w in workers} == {"actor-0": ["actor"], "critic-0": ["critic"]}
+    rows = read_metrics(tmp_path / "run")[1:]
+    assert len(rows) == 2
+    for r in rows:
+        assert math.isfinite(r["actor/loss"]) and math.isfinite(r["critic/vf_loss"])
+        assert r["rollout_logp_mismatch"] < 1e-3  # the engine runs the trained weights themselves
+    assert rows[0]["kl/kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout is the reference's policy
+    assert rows[1]["kl/kl"] > 0
+    final = AutoModelForCausalLM.from_pretrained(summary["export_dir"]).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(f"{shared_data_dir()}/models/stories260K").state_dict()
+    assert max(float((final[k] - base[k]).abs().max()) for k in base) > 1e-4
