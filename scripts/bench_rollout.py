@@ -7,8 +7,10 @@
 On a small shared CPU pass `--threads 1`: a tiny model gains nothing from more threads, and
 oversubscribed threads spin (here 2 threads under load ran ~4x slower than 1).
 
-Prints one JSON object: the machine, the workload, tokens/s per backend and batch size, and the
-vLLM/HF ratio at each batch size where both ran. The workload is `batch` story openings, sampled
+Prints one JSON object: the machine, the workload, tokens/s per backend and batch size, the
+vLLM/HF ratio at each batch size where both ran, and `fast_decode_speedup`: the HF engine with
+its lean decode step (`hf`, the default) over the same engine running the model's forward for
+every token (`hf-forward`, `rollout.fast_decode=false`). The workload is `batch` story openings, sampled
 at temperature 1 (seeded) for up to `max_new_tokens` each; tokens counted are those actually
 generated (a row that stops early counts only its tokens, while its slot still costs compute,
 as in a real rollout). Each point is the median over `repeats` timed calls after one warm-up.
@@ -93,12 +95,12 @@ def time_backend(engine, prompts, batch_sizes, max_new_tokens, repeats, seed) ->
     return results
 
 
-def hf_engine(model_path: str, device: str, dtype: str, max_batch_size: int):
+def hf_engine(model_path: str, device: str, dtype: str, max_batch_size: int, fast_decode: bool = True):
     from align.models import load_model_and_tokenizer
     from rollout import HFEngine
 
     model, tok = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
-    return HFEngine(model.eval(), tok, max_batch_size=max_batch_size), tok
+    return HFEngine(model.eval(), tok, max_batch_size=max_batch_size, fast_decode=fast_decode), tok
 
 
 def vllm_engine(model_path: str, dtype: str):
@@ -125,7 +127,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-sizes", default="1,4,16,64")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backends", default="hf,vllm")
+    parser.add_argument("--backends", default="hf,hf-forward,vllm",
+                        help="hf (lean decode step), hf-forward (the model's forward each step), vllm")
     parser.add_argument("--device", default="auto", help="HF backend device: auto, cpu, cuda")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -158,16 +161,22 @@ def main(argv=None) -> dict:
             "backends": {},
         }
         tok = None
-        if "hf" in backends:
-            engine, tok = hf_engine(model_path, device, args.dtype, max_batch_size=max(batch_sizes))
-            report["backends"]["hf"] = time_backend(
-                engine, _prompts(tok), batch_sizes, args.max_new_tokens, args.repeats, args.seed
-            )
-            del engine
+        for name, fast in (("hf", True), ("hf-forward", False)):
+            if name in backends:
+                engine, tok = hf_engine(model_path, device, args.dtype, max_batch_size=max(batch_sizes), fast_decode=fast)
+                report["backends"][name] = time_backend(
+                    engine, _prompts(tok), batch_sizes, args.max_new_tokens, args.repeats, args.seed
+                )
+                del engine
         if "vllm" in backends:
             report["backends"]["vllm"] = _run_vllm(model_path, args, batch_sizes, tok)
 
     hf, vl = report["backends"].get("hf", {}), report["backends"].get("vllm", {})
+    slow = report["backends"].get("hf-forward", {})
+    if hf and slow:
+        report["fast_decode_speedup"] = {
+            b: round(hf[b]["tokens_per_s"] / slow[b]["tokens_per_s"], 3) for b in hf if b in slow and slow[b]["tokens_per_s"]
+        }
     if "error" not in vl and hf and vl:
         report["vllm_over_hf"] = {
             b: round(vl[b]["tokens_per_s"] / hf[b]["tokens_per_s"], 3) for b in hf if b in vl and hf[b]["tokens_per_s"]
