@@ -23,15 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_MODEL_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+def _model_classes() -> tuple[type, ...]:
+    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+    return LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
 
 class LlamaDecoder:
     """Decode steps over a static KV cache, reading the weights of `model` (no copy).
 
-    Use: `build(model, total_length)`; `start(cache, attention_mask, rows)` after the prompt's
-    prefill; then `step(tokens, positions)` once per new token.
+    Use: `build(model, total_length)`; `start(cache, attention_mask, rows, total_length)` after
+    the prompts' prefill; then `step(tokens, positions)` once per new token.
     """
 
     def __init__(self, model: nn.Module):
@@ -66,12 +69,15 @@ class LlamaDecoder:
     def build(cls, model: nn.Module, total_length: int) -> "LlamaDecoder | None":
         """A decoder for `model` if it is covered (see the module docstring) for sequences of up to
         `total_length` tokens, else None."""
-        if type(model).__name__ not in _MODEL_CLASSES:  # a peft wrapper or another architecture
+        if type(model) not in _model_classes():  # a peft wrapper, remote code or another architecture
             return None
         config, inner = model.config, model.model
-        if not isinstance(getattr(model, "lm_head", None), nn.Linear) or getattr(model.lm_head, "bias", None) is not None:
+        if type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None or type(inner.embed_tokens) is not nn.Embedding:
             return None
-        if getattr(getattr(inner, "rotary_emb", None), "rope_type", "default") in _LENGTH_DEPENDENT_ROPE:
+        rope_type = str(getattr(inner.rotary_emb, "rope_type", "default"))
+        if "dynamic" in rope_type or rope_type == "longrope":  # scaling that depends on the sequence length
+            return None
+        if len({p.device for p in model.parameters()}) != 1:  # spread over devices (device_map)
             return None
         window = getattr(config, "sliding_window", None)
         if window is not None and getattr(config, "use_sliding_window", True) and total_length > window:

@@ -218,7 +218,7 @@ class HFEngine:
         decoder = LlamaDecoder.build(module, total_length) if self.fast_decode else None
         if decoder is not None:  # the lean step takes over the cache (rollout.fast_decode)
             decoder.start(cache, attention_mask, row_prompt if shared else None, total_length)
-            cache = None
+            cache = out = None  # the prefill's cache is copied; free it
         elif shared:
             cache.batch_select_indices(row_prompt)
         next_position = position_ids[:, -1:] + 1  # (B, 1)

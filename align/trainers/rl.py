@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from align.config import RunConfig
+from align.models.scorer import reward_model_kind
 from align.trainers.checkpoint import STATE, Checkpointer, rng_state, set_rng_state
 from align.trainers.common import EpochBatches, prepare_output_dir, seed_everything, set_threads
 from align.trainers.metrics import RunLogger
@@ -107,6 +108,13 @@ class RLRun:
 
             self.reward_fn = get_reward(cfg.reward.name, **dict(cfg.reward.options))
         self.uses_reward_model = bool(cfg.reward.model_path)
+        self.reward_reads_text = self.uses_reward_model and reward_model_kind(cfg.reward.model_path) == "classifier"
+        if self.reward_reads_text and getattr(self.algo, "critic_init_from_reward", False):
+            from align.config import ConfigError
+
+            raise ConfigError(f"algo.critic_init_from_reward: needs reward.model_path to be a reward role on the "
+                              f"policy's base (the RM job's save_role folder); {cfg.reward.model_path!r} is a "
+                              "classifier with a base of its own")
         if self.reward_fn is None and not self.uses_reward_model:
             raise ValueError("reward: set reward.name (a rule reward), reward.model_path (a reward model), or both")
 
@@ -216,9 +224,12 @@ class RLRun:
             scores += torch.tensor(rule, dtype=torch.float32)
             metrics.update({f"reward/{k}": sum(v) / len(v) for k, v in parts.items() if v})
         if self.uses_reward_model:
-            # the prompts as the data gave them: a reward model with its own tokenizer renders them itself
-            batch = batch.replace(prompts=[items[g]["source"] for g in batch.group_ids.tolist()])
-            batch = self.placement.annotate(batch, ("reward",))
+            if self.reward_reads_text:
+                # the prompts as the data gave them: a reward model with its own tokenizer renders them itself
+                prompts = [items[g].get("source", items[g]["prompt"]) for g in batch.group_ids.tolist()]
+                batch = self.placement.annotate(batch.replace(prompts=prompts), ("reward",)).replace(prompts=[])
+            else:
+                batch = self.placement.annotate(batch, ("reward",))
             scores += self.cfg.reward.model_weight * batch.rm_scores
             metrics["reward/model"] = float(batch.rm_scores.mean())
         metrics.update({"reward/mean": float(scores.mean()), "reward/std": float(scores.std(correction=0))})

@@ -174,6 +174,8 @@ class Experience:
             elif any(v is None for v in values):
                 raise ValueError(f"Experience.concat: field {f.name!r} is set in some parts and not in others")
             elif isinstance(values[0], list):
+                if any(v for v in values) and any(len(v) != len(p) for v, p in zip(values, parts)):
+                    raise ValueError(f"Experience.concat: list field {f.name!r} is filled in some parts and not in others")
                 out[f.name] = [x for v in values for x in v]
             elif f.name in _PROMPT_FIELDS:
                 out[f.name] = torch.cat([_pad_to(v, P, left=True) for v in values])

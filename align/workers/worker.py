@@ -1,8 +1,11 @@
 """`ModelWorker`: the process that hosts the model and serves the driver's coarse verbs.
 
 One worker holds one copy of the model (the shared multi-head model with LoRA, or separate
-models with full fine-tuning) and, when it hosts the actor, a Hugging Face rollout engine that
-generates with the actor role's own parameters (no weight copy, so the weight sync is free).
+models with full fine-tuning) and, when it hosts the actor, the rollout engine: the HF engine
+over a merged copy of the LoRA actor (rewritten at each sync) or over the actor's own parameters
+(nothing to sync), or a vLLM engine synced with the actor's adapter or weights
+(`rollout.backend=vllm`). A reward model with a base of its own is a `SequenceScorer` beside
+the model (colocated) or alone in a `ScorerWorker` (split placement).
 Verbs take and return `Experience` shards and plain dicts:
 
     generate(prompts, group_ids, params) -> Experience     rollouts (actor role)
@@ -168,7 +171,8 @@ class ModelWorker:
 
     # ---- rollout and inference -------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], group_ids: Sequence[int], params) -> Experience:
-        """`params.n` samples of each prompt with the actor role (rollout.hf.HFEngine)."""
+        """`params.n` samples of each prompt with the actor role (the HF or vLLM engine; a vLLM
+        engine that sleeps between rollouts is woken for the call and put back to sleep)."""
         if not prompts:
             return _empty_experience()
         if not self._sleeps:

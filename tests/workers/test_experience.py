@@ -3,6 +3,7 @@ padding changes nothing on real tokens; the response slice lines up with the mod
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from align.workers.batch import Experience
@@ -40,6 +41,16 @@ def test_chunk_then_concat_restores_the_rows():
     assert real_tokens(back) == real_tokens(e)
     assert back.response_text == e.response_text and torch.equal(back.scores, e.scores)
     assert torch.equal(back.advantages[back.response_mask], e.advantages[e.response_mask])
+
+
+def test_list_fields_follow_the_rows_and_must_be_filled_in_every_part_or_none():
+    e = rows(5).replace(prompts=[f"p{i}" for i in range(5)])
+    a, b = e.chunk(2)
+    assert a.prompts == ["p0", "p1", "p2"] and e.select([4, 0]).prompts == ["p4", "p0"]
+    assert Experience.concat([a, b]).prompts == e.prompts
+    assert Experience.concat([a.replace(prompts=[]), b.replace(prompts=[])]).prompts == []
+    with pytest.raises(ValueError, match="'prompts' is filled in some parts"):
+        Experience.concat([a, b.replace(prompts=[])])
 
 
 def test_more_shards_than_rows_gives_empty_shards_that_concat_ignores():

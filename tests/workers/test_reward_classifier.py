@@ -85,15 +85,61 @@ def test_long_pairs_are_cut_from_the_left(classifier):
         direct_score(classifier, kept, add_special_tokens=False), abs=1e-4)
 
 
-def test_chat_template_renders_text_and_message_prompts(tmp_path, neox_dir):
+def test_chat_template_renders_message_prompts_and_text_stays_text(tmp_path, neox_dir):
+    """TRL's rule: chat prompts go through the reward model's template, text prompts are read as
+    prompt + response (this tokenizer has no EOS to append)."""
     path = save_classifier(tmp_path / "chat-rm", neox_dir, chat_template=CHAT_TEMPLATE)
     scorer = SequenceScorer(path)
-    assert scorer.render("Hi", "Hello") == "<|user|>Hi\n<|assistant|>Hello\n"
+    assert scorer.render("Hi", " Hello") == "Hi Hello"
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     text = scorer.render(messages, "Hello")
     assert text == "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>Hello\n"
     assert float(scorer.score([messages], ["Hello"])[0]) == pytest.approx(
         direct_score(path, text, add_special_tokens=False), abs=1e-5)
+
+
+def test_an_exported_reward_role_scores_as_the_role_does(stories_path, tmp_path):
+    """Our RM job's reward role, exported as a classifier (`export_reward_model`), read through
+    SequenceScorer from text gives the role's own scores on the policy's tokens: EOS appended
+    where the response ended (training appends it), not where it was cut at the length limit."""
+    from align.models import load_model_and_tokenizer
+    from align.models.multihead import MultiHeadModel, RoleConfig
+
+    base, tok = load_model_and_tokenizer(stories_path)
+    torch.manual_seed(3)
+    rm = MultiHeadModel(base, {"reward": RoleConfig()}, pad_token_id=tok.pad_token_id).eval()
+    with torch.no_grad():
+        for name, p in rm.peft.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.05)
+        rm.score_head.weight.normal_(std=0.5)
+    rm.export_reward_model(str(tmp_path / "clf"), tok)
+    prompts = ["Once upon a time", "Tom saw a big dog"]
+    responses = [" there was a little girl named Lily.", " and he ran away"]
+    ended = [True, False]
+    rows = [tok(p + r).input_ids + ([tok.eos_token_id] if e else []) for p, r, e in zip(prompts, responses, ended)]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        expected = rm.scores(ids, mask)
+    got = SequenceScorer(str(tmp_path / "clf")).score(prompts, responses, ended)
+    assert torch.allclose(got, expected, atol=1e-4), (got, expected)
+    # and the EOS matters: without it the first score moves
+    assert abs(float(SequenceScorer(str(tmp_path / "clf")).score(prompts[:1], responses[:1], [False])[0])
+               - float(expected[0])) > 1e-3
+
+
+def test_critic_cannot_start_from_a_classifier(classifier, tmp_path):
+    """PPO's critic_init_from_reward copies the reward role's adapter and head: with a classifier of
+    another base the run is refused before any worker starts, naming the key."""
+    from align.config import ConfigError, compose
+    from align.trainers.rl import RLRun
+
+    cfg, raw = compose(["algo=ppo", f"output_dir={tmp_path}", f"reward.model_path={classifier}",
+                        "algo.critic_init_from_reward=true"])
+    with pytest.raises(ConfigError, match="algo.critic_init_from_reward"):
+        RLRun(cfg, raw, roles=("actor", "critic"), headline=("reward/mean",))
 
 
 def test_a_classifier_with_several_outputs_is_refused(tmp_path, neox_dir):
