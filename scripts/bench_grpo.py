@@ -53,12 +53,13 @@ Measured (defaults, one thread, 2-core shared CPU whose step times swing 1.4-2.4
 work; transformers 5.24, TRL 1.16, 2026-11-29):
 
     workload  ours s/step  TRL s/step  speedup (wall)      CPU speedup          (repeats)
-    story     1.61-1.89    2.79-3.11   1.89 (1.48-1.94)    1.71 (1.38-1.83)     3 pairs
+    story     1.60-1.78    2.84-3.09   1.75 (1.68-1.82)    1.61 (1.56-1.67)     4 pairs, quiet host
     gsm8k     2.88-3.12    9.75-10.57  3.30 (3.29-3.68)    3.10 (3.10-3.42)     3 pairs
 
-(The pair at 1.48 had ours at 1.89 s/step against 1.61 in the other two, the host's noise.)
-Phases (wall s, story): generate 0.53-0.58 vs TRL 1.39-1.41; reference 0.25-0.31 vs 0.34-0.38;
-update 0.85-1.01 vs 1.11-1.38. gsm8k: generate 0.86-0.95 vs 2.76-3.20, reference 0.45-0.47 vs
+Two more story runs of 3 pairs: 1.89 (1.48-1.94) at load ~1, and 1.50 (1.35-1.77) with a test
+suite running beside it, which is what the host's noise does to a single pair.
+Phases (wall s, story): generate 0.48-0.58 vs TRL 1.38-1.52; reference 0.27-0.30 vs 0.35-0.39;
+update 0.83-0.90 vs 1.19-1.31. gsm8k: generate 0.86-0.95 vs 2.76-3.20, reference 0.45-0.47 vs
 1.50-1.61, update 1.58-1.67 vs 5.38-5.71. What makes the difference, each measured alone:
 - the lean decode step (`rollout.fast_decode`): the same Llama step in plain tensor ops over a
   KV cache allocated once, instead of the model's forward (module calls, mask building and the
