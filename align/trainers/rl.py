@@ -88,7 +88,9 @@ class RLRun:
 
         from align.models.loading import load_tokenizer
 
-        if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        # Local workers share this environment; on a cluster the driver (a CPU head node, say) may
+        # lack vLLM where the GPU workers have it, and a worker without it fails naming itself.
+        if cfg.rollout.backend == "vllm" and cfg.cluster.address == "local" and importlib.util.find_spec("vllm") is None:
             from align.config import ConfigError
 
             raise ConfigError("rollout.backend=vllm: vLLM is not installed in this environment (pip install "
