@@ -113,7 +113,7 @@ class ModelWorker:
         self.model, self.tokenizer = build_role_model(spec)
         self.device = next(self.model.parameters()).device  # batches arrive on the CPU
         # A reward model with a base of its own (reward.model_path a classifier, not a reward role).
-        self.scorer = build_scorer(spec) if "reward" not in self.model.roles else None
+        self.scorer = build_scorer(spec)
         self.engine, self.rollout_model = None, None
         if "actor" in self.model.roles and spec.rollout.backend == "vllm":
             self.engine = self._vllm_engine()
@@ -145,10 +145,7 @@ class ModelWorker:
 
     # ---- plumbing --------------------------------------------------------------------------------
     def info(self) -> dict:
-        import socket
-
-        return {"name": self.name, "rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
-                "roles": list(self.model.roles) + (["reward"] if self.scorer is not None else [])}
+        return _worker_info(self.name, self.rank, list(self.model.roles) + (["reward"] if self.scorer is not None else []))
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a free port, for rank 0 to host the process group."""
@@ -175,13 +172,13 @@ class ModelWorker:
         engine that sleeps between rollouts is woken for the call and put back to sleep)."""
         if not prompts:
             return _empty_experience()
-        if not self._sleeps:
-            return from_rollout(prompts, group_ids, self.engine.generate(prompts, params))
-        self.engine.wake_up()
+        if self._sleeps:
+            self.engine.wake_up()
         try:
             return from_rollout(prompts, group_ids, self.engine.generate(prompts, params))
         finally:
-            self.engine.sleep()  # the engine's GPU memory goes back to training until the next rollout
+            if self._sleeps:
+                self.engine.sleep()  # the engine's GPU memory goes back to training until the next rollout
 
     @torch.no_grad()
     def annotate(self, batch: Experience, roles: Sequence[str]) -> dict[str, Tensor]:
@@ -312,7 +309,7 @@ class ModelWorker:
         tensors = self.model.sync_state_dict("actor")
         if self._sleeps:
             self.engine.wake_up()  # it stays awake for the rollout that follows a sync
-        self.engine.update_weights(**{"lora" if self.spec.model.finetune == "lora" else "state_dict": tensors})
+        self.engine.update_weights(**{"lora" if self.model.is_lora else "state_dict": tensors})
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     @property
@@ -331,7 +328,7 @@ class ModelWorker:
         from rollout.vllm_engine import VLLMEngine
 
         m, r = self.spec.model, self.spec.rollout
-        lora = m.finetune == "lora"
+        lora = self.model.is_lora
         with self.model.using("actor") as lm:
             model_context = getattr(lm.config, "max_position_embeddings", None)
         context = min(c for c in (self.spec.max_model_len, model_context, None if model_context else 2048) if c)
@@ -410,6 +407,13 @@ def build_role_model(spec: WorkerSpec):
     return model, tokenizer
 
 
+def _worker_info(name: str, rank: int, roles: list[str]) -> dict:
+    """What a worker reports at start (workers.json, and `WorkerDiedError` messages)."""
+    import socket
+
+    return {"name": name, "rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "roles": roles}
+
+
 def build_scorer(spec: WorkerSpec):
     """The `SequenceScorer` of a reward model with a base of its own (`reward.model_path` a
     sequence classifier, see `align.models.scorer`), in the policy's dtype and device; None when
@@ -440,10 +444,7 @@ class ScorerWorker:
         self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
 
     def info(self) -> dict:
-        import socket
-
-        return {"name": self.name, "rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
-                "roles": ["reward"]}
+        return _worker_info(self.name, self.rank, ["reward"])
 
     def rendezvous_address(self) -> tuple[str, int]:
         return "127.0.0.1", 0  # no process group: nothing is reduced across scorer replicas
