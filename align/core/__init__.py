@@ -25,7 +25,16 @@ from align.core.masked import (
     masked_var,
     masked_whiten,
 )
-from align.core.ppo import POLICY_LOSSES, gae_advantages, ppo_policy_loss, ppo_value_loss, token_rewards
+from align.core.offpolicy import CORRECTION_LEVELS, ROLLOUT_CORRECTIONS, rollout_correction
+from align.core.ppo import (
+    POLICY_LOSSES,
+    cispo_policy_loss,
+    gae_advantages,
+    gspo_policy_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_rewards,
+)
 from align.core.preference import (
     PREFERENCE_LOSSES,
     REFERENCE_FREE_LOSSES,
@@ -45,19 +54,23 @@ from align.core.registry import Registry, UnknownNameError
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
+    "CORRECTION_LEVELS",
     "KL_KINDS",
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",
     "REFERENCE_FREE_LOSSES",
+    "ROLLOUT_CORRECTIONS",
     "Registry",
     "UnknownNameError",
     "aggregate_loss",
     "bradley_terry_loss",
+    "cispo_policy_loss",
     "dpo_sigmoid_loss",
     "dr_grpo_advantages",
     "entropy_from_logits",
     "gae_advantages",
     "group_index",
+    "gspo_policy_loss",
     "grpo_advantages",
     "grpo_kl_loss",
     "hinge_loss",
@@ -77,6 +90,7 @@ __all__ = [
     "reinforce_pp_advantages",
     "rloo_advantages",
     "robust_dpo_loss",
+    "rollout_correction",
     "sequence_logps",
     "simpo_loss",
     "token_rewards",

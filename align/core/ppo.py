@@ -124,6 +124,7 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     normaliser: float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, with asymmetric clip-higher and dual-clip.
 
@@ -145,6 +146,9 @@ def ppo_policy_loss(
         clip_eps_high: upper clip epsilon; None means clip_eps_low (symmetric PPO).
         dual_clip: c > 1, or None to disable.
         agg, normaliser: see `aggregate_loss`.
+        weights: (B, T) per-token weights without gradient, multiplying each token's loss before
+            aggregation: the rollout correction's importance weights (`rollout_correction`), or
+            None for 1.
 
     Returns:
         loss: scalar.
@@ -168,7 +172,7 @@ def ppo_policy_loss(
     if dual_clip is not None:
         loss_dual = torch.minimum(loss_mat, -advantages * dual_clip)
         loss_mat = torch.where(advantages < 0, loss_dual, loss_mat)
-    loss = aggregate_loss(loss_mat, mask, agg, normaliser)
+    loss = aggregate_loss(_weighted(loss_mat, weights, mask), mask, agg, normaliser)
 
     with torch.no_grad():
         stats = {
@@ -182,6 +186,133 @@ def ppo_policy_loss(
         if dual_clip is not None:
             dual_active = (advantages < 0) & (loss_mat < torch.maximum(loss_unclipped, loss_clipped))
             stats["dual_clipfrac"] = masked_mean(dual_active.float(), mask)
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def _weighted(loss_mat: Tensor, weights: Tensor | None, mask: Tensor) -> Tensor:
+    """loss_mat * weights on the selected tokens (weights carry no gradient); loss_mat if None."""
+    if weights is None:
+        return loss_mat
+    return torch.where(mask.bool(), loss_mat * weights.detach().to(loss_mat.dtype), loss_mat)
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps_low: float = 3e-4,
+    clip_eps_high: float | None = 4e-4,
+    agg: str = "seq-mean-token-mean",
+    normaliser: float | Tensor | None = None,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO: the clipped surrogate on a sequence-level, length-normalised importance ratio.
+
+    Zheng et al. 2025, "Group Sequence Policy Optimization" (https://arxiv.org/abs/2507.18071):
+        s_i = (pi(y_i | x) / pi_old(y_i | x)) ** (1 / |y_i|) = exp(mean_t (logp_t - old_logp_t))   (Eq. 7)
+        l_i = max(-A_i * s_i, -A_i * clip(s_i, 1 - eps_low, 1 + eps_high))                          (Eq. 5)
+    written per token in the paper's GSPO-token form (Eq. 13-14): s_i,t = sg[s_i] * pi(y_t) /
+    sg[pi(y_t)] has the value s_i at every token of sequence i and the gradient s_i * grad log
+    pi(y_t). With an advantage constant over each sequence and `agg="seq-mean-token-mean"` the
+    loss equals 1/G sum_i l_i and its gradient is GSPO's (Eq. 10, Eq. 17): the whole sequence
+    is clipped or kept together. The paper's clip range is 3e-4 / 4e-4 (Sec. 5.1), tiny because
+    it bounds a per-token geometric mean.
+
+    Args:
+        logp: (B, T) current policy log-probs (with grad).
+        old_logp: (B, T) log-probs of the policy that sampled the tokens.
+        advantages: (B, T) per-token advantages (a sequence advantage broadcast over its tokens).
+        mask: (B, T) response mask.
+        clip_eps_low, clip_eps_high: the clip range of s_i (None high: = low).
+        agg, normaliser: see `aggregate_loss`; GSPO is `seq-mean-token-mean`.
+        weights: (B, T) per-token weights without gradient (see `ppo_policy_loss`).
+
+    Returns:
+        loss: scalar.
+        stats: clipfrac (tokens of clipped sequences), approx_kl (k3 of the token log-ratios),
+            seq_ratio_mean / seq_ratio_max over non-empty sequences.
+    """
+    eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
+    mask = mask.bool()
+    advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
+    log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp))  # (B, T)
+    seq_log_ratio = log_ratio.sum(-1) / mask.sum(-1).clamp_min(1)  # (B,): log s_i
+    seq_log_ratio = seq_log_ratio.detach().clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    token_log_ratio = seq_log_ratio[:, None] + (logp - logp.detach())  # value log s_i, gradient of logp_t
+    ratio = torch.exp(torch.where(mask, token_log_ratio, torch.zeros_like(token_log_ratio)))  # (B, T)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high)
+    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    loss = aggregate_loss(_weighted(loss_mat, weights, mask), mask, agg, normaliser)
+
+    with torch.no_grad():
+        seqs = mask.any(-1)  # (B,)
+        seq_ratio = torch.exp(seq_log_ratio)
+        stats = {
+            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "seq_ratio_mean": masked_mean(seq_ratio, seqs),
+            "seq_ratio_max": torch.where(seqs, seq_ratio, torch.zeros_like(seq_ratio)).amax(),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+@POLICY_LOSSES.register("cispo")
+def cispo_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps_low: float = 1.0,
+    clip_eps_high: float | None = 0.28,
+    agg: str = "token-mean",
+    normaliser: float | Tensor | None = None,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO: REINFORCE with a clipped, stop-gradient importance weight on every token.
+
+    MiniMax-M1 (https://arxiv.org/abs/2506.13585), Eq. 4-5:
+        l_t = -sg(clip(r_t, 1 - eps_low, 1 + eps_high)) * A_t * logp_t,   r_t = exp(logp_t - old_logp_t)
+    Unlike PPO's clip, no token's gradient is dropped: a token far outside the trust region
+    still gets grad log pi, only with a bounded weight. The paper bounds the weight above only
+    (`clip_eps_low = 1`: a lower bound of 0) and aggregates over all tokens of the batch
+    (`token-mean`). The loss value is the surrogate's, not a ratio: read its gradient.
+
+    Args:
+        logp: (B, T) current policy log-probs (with grad).
+        old_logp: (B, T) log-probs of the policy that sampled the tokens.
+        advantages: (B, T) per-token advantages.
+        mask: (B, T) response mask.
+        clip_eps_low, clip_eps_high: the weight's clip range [1 - eps_low, 1 + eps_high]
+            (eps_low <= 1; None high: = low).
+        agg, normaliser: see `aggregate_loss`.
+        weights: (B, T) per-token weights without gradient (see `ppo_policy_loss`).
+
+    Returns:
+        loss: scalar.
+        stats: clipfrac (tokens whose weight was clipped), approx_kl, ratio_mean, ratio_max.
+    """
+    eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
+    if not 0 < clip_eps_low <= 1:
+        raise ValueError(f"cispo: clip_eps_low must be in (0, 1] (the weight stays >= 0), got {clip_eps_low}")
+    mask = mask.bool()
+    advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
+    logp_selected = torch.where(mask, logp, torch.zeros_like(logp))
+    log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp)).detach()
+    ratio = torch.exp(log_ratio.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND))  # (B, T), no gradient
+    is_weight = ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high)
+    loss_mat = -is_weight * advantages * logp_selected
+    loss = aggregate_loss(_weighted(loss_mat, weights, mask), mask, agg, normaliser)
+
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((is_weight != ratio).float(), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "ratio_max": torch.where(mask, ratio, torch.zeros_like(ratio)).amax(),
+        }
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
