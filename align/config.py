@@ -348,6 +348,14 @@ class RLConfig(AlgoConfig):
     kl_coef, kl_kind: the KL term's weight and estimator (GRPO: in the loss; PPO: reward shaping).
     entropy_coef: weight of an entropy bonus in the policy loss (loss -= coef * the policy's
         entropy over response tokens, aggregated like the loss; 0: none, nothing computed).
+    policy_loss: a name in `align.core.POLICY_LOSSES`: `ppo` (the clipped surrogate), `gspo`
+        (sequence-level ratio, arXiv:2507.18071), `cispo` (clipped stop-gradient IS weight,
+        arXiv:2506.13585); `algo=gspo` / `algo=cispo` select them with their papers' settings.
+    rollout_correction: importance weights between the rollout engine's log-probs and the
+        trainer's (`align.core.rollout_correction`): `none`, `tis` (truncated at the cap) or
+        `mis` (tokens or sequences above the cap leave the gradient); rollout_correction_level:
+        `token` or `sequence`; rollout_correction_cap: the cap C. The sampler/trainer mismatch
+        (actor/mismatch_*) is logged whatever the mode.
     eval_prompts: held-out prompts evaluated at step 0 and every `trainer.eval_every` steps, with
         `eval_samples` samples each at `eval_temperature` and a fixed seed.
     forward_batch_size: rows per no-grad forward in the workers.
@@ -364,6 +372,10 @@ class RLConfig(AlgoConfig):
     kl_coef: float = 0.0
     kl_kind: str = "k3"
     entropy_coef: float = 0.0
+    policy_loss: str = "ppo"
+    rollout_correction: str = "tis"
+    rollout_correction_level: str = "token"
+    rollout_correction_cap: float = 2.0
     eval_prompts: int = 32
     eval_samples: int = 2
     eval_temperature: float = 1.0
@@ -393,6 +405,18 @@ class RLConfig(AlgoConfig):
         _positive("algo.kl_coef", self.kl_coef, allow_zero=True)
         _positive("algo.entropy_coef", self.entropy_coef, allow_zero=True)
         _positive("algo.eval_temperature", self.eval_temperature, allow_zero=True)
+        from align.core.offpolicy import CORRECTION_LEVELS, ROLLOUT_CORRECTIONS
+        from align.core.ppo import POLICY_LOSSES
+
+        _one_of("algo.policy_loss", self.policy_loss, tuple(POLICY_LOSSES.names()))
+        _one_of("algo.rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+        _one_of("algo.rollout_correction_level", self.rollout_correction_level, CORRECTION_LEVELS)
+        _positive("algo.rollout_correction_cap", self.rollout_correction_cap)
+        if self.dual_clip is not None and self.policy_loss != "ppo":
+            raise ConfigError(f"algo.dual_clip: a PPO-clip option; policy_loss={self.policy_loss!r} has no use for it")
+        if self.policy_loss == "cispo" and self.clip_eps_low > 1:
+            raise ConfigError(f"algo.clip_eps_low: CISPO's weight is clipped to [1 - clip_eps_low, ...] and must stay "
+                              f">= 0, so clip_eps_low <= 1; got {self.clip_eps_low!r}")
 
 
 @dataclass(frozen=True)
@@ -415,6 +439,12 @@ class GRPOConfig(RLConfig):
         from align.core.advantages import ADVANTAGE_ESTIMATORS
 
         _one_of("algo.advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS.names()))
+        if self.advantage_estimator == "dr_grpo" and self.loss_agg != "seq-mean-token-sum-norm":
+            raise ConfigError(
+                f"algo.advantage_estimator=dr_grpo with algo.loss_agg={self.loss_agg!r} is half of Dr. GRPO "
+                "(arXiv:2503.20783 removes the std normalisation AND the 1/|o_i| length normalisation): use "
+                "algo=dr_grpo, or set algo.loss_agg=seq-mean-token-sum-norm"
+            )
         if self.num_generations < 2 and self.advantage_estimator != "reinforce_pp":
             raise ConfigError(f"algo.num_generations: group baselines need >= 2 samples per prompt, got {self.num_generations}")
 
@@ -549,6 +579,24 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     seed: int = 0
     output_dir: str = "runs/default"
+
+    def __post_init__(self):
+        if isinstance(self.algo, RLConfig):
+            _check_rl_sampling(self.rollout)
+
+
+def _check_rl_sampling(r: RolloutConfig) -> None:
+    """RL log-probs (old, reference, training, entropy) are those of softmax(logits /
+    temperature) over the whole vocabulary: the distribution the engine samples from when top-p
+    and top-k are off. With them on, the sampler's distribution is renormalised over a subset the
+    trainer does not see, so they are refused rather than silently mismatched."""
+    if r.temperature <= 0:
+        raise ConfigError(f"rollout.temperature: RL samples at a temperature > 0 (0 is greedy: every sample of a "
+                          f"prompt would be the same), got {r.temperature!r}")
+    if r.top_p < 1.0 or r.top_k > 0:
+        raise ConfigError(f"rollout.top_p={r.top_p!r}, rollout.top_k={r.top_k!r}: RL trainers compute log-probs at "
+                          "rollout.temperature over the whole vocabulary, so a truncated sampler would be off-policy "
+                          "for them; set rollout.top_p=1.0 and rollout.top_k=-1 (tune rollout.temperature instead)")
 
 
 def _schema_node(schema):

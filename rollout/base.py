@@ -1,15 +1,18 @@
 """The rollout engine protocol: one interface over Hugging Face generate (CPU) and vLLM (GPU).
 
 Log-prob convention (both backends, and the trainer): `RolloutSample.logprobs[t]` is the log
-probability of `token_ids[t]` under the *raw* policy distribution, log_softmax(logits) before
-temperature, top-k or top-p are applied. This is what the trainer recomputes as "old log-probs",
-so the two agree to numerical precision in fp32 whatever the sampling settings are.
+probability of `token_ids[t]` under the distribution it was sampled from: log_softmax of the
+logits divided by the temperature, after top-k and top-p (vLLM's `processed_logprobs`); raw
+log_softmax(logits) when greedy (temperature 0). These are the behaviour policy's log-probs,
+mu(y_t), of off-policy RL.
 
-The trainer's side of that agreement: one forward over prompt + response at temperature 1, then
-`align.core.logprobs.logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])` (or
-`MultiHeadModel.log_probs(..., temperature=1.0)`), read at the response positions. In fp32 on
-CPU the two agree within 1e-4 (tests/rollout/test_hf_logprobs.py, tests/vllm_backend/). A trainer that
-wants temperature-scaled log-probs must divide the logits itself; the engine never does.
+The trainer's side of that agreement: RL runs sample with top-p and top-k off (refused
+otherwise, `align.config`), and every RL log-prob (old, reference, training) and entropy is
+computed from logits / rollout.temperature (`MultiHeadModel.response_log_probs(...,
+temperature=T)`), as veRL and TRL do. In fp32 on CPU the engine's and the trainer's agree
+within 1e-4 at any temperature (tests/rollout/test_hf_logprobs.py, tests/vllm_backend/); what
+remains (bf16, other kernels, a quantized rollout base) is measured and corrected by
+`align.core.rollout_correction`.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class RolloutSample:
                stop string, they end with the token that completed it.
     text:      the response as it reads after the prompt (a leading space kept: prompt text + text
                reads as the whole sequence); a stop token's text and a stop string (and all after) left out.
-    logprobs:  (L,) raw log-probs of those tokens (see the module docstring).
+    logprobs:  (L,) log-probs of those tokens under the sampling distribution (see the module docstring).
     finish_reason: "stop" (stop token, eos or stop string) or "length" (max_new_tokens, or the
                model's context filled).
     """

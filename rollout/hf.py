@@ -10,10 +10,10 @@ raw log-probs are then recomputed by one forward pass. The loop can also report 
 as they are sampled (`generate(..., on_step=...)`, the optional feature of `rollout.base`), which
 is how `align.serve` streams token by token.
 
-Log-probs follow `rollout.base`: log_softmax of the raw logits, before temperature, top-k and
-top-p, computed in fp32 whatever the model's dtype. Sampling order: temperature, then top-k, then
-top-p (that of transformers and vLLM). Top-p keeps the smallest set of most likely tokens whose
-probability mass reaches `top_p`.
+Log-probs follow `rollout.base`: log_softmax of the logits each token was drawn from (after
+temperature, top-k and top-p; raw when greedy), computed in fp32 whatever the model's dtype.
+Sampling order: temperature, then top-k, then top-p (that of transformers and vLLM). Top-p keeps
+the smallest set of most likely tokens whose probability mass reaches `top_p`.
 
 Stops (vLLM's defaults, so both backends return the same samples): a row stops on the first
 token in `eos_token_ids | params.stop_token_ids` (the token is kept in `token_ids`, its text is
@@ -229,13 +229,14 @@ class HFEngine:
         tokens, logprobs = [], []  # each step: (B,)
         texts_ids: list[list[int]] = [[] for _ in range(B)]  # only filled when stop strings are set
         for step in range(int(budget.max())):
-            token = _pick(logits, params, generator)  # (B,)
+            processed = _processed_logits(logits, params)  # (B, V): what the token is drawn from
+            token = processed.argmax(-1) if params.greedy else _sample_categorical(processed.softmax(-1), generator)
             token = token.masked_fill(done, self.pad_token_id)
             if on_step is not None:
                 running = (~done).nonzero().squeeze(-1)  # (R,) rows that take this token
                 on_step(running.tolist(), token[running].tolist())
             tokens.append(token)
-            logprobs.append(logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
+            logprobs.append(processed.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
             lengths += (~done).long()
 
             hit = torch.isin(token, stop_tensor) & ~done
@@ -379,10 +380,12 @@ def _budgets(module: nn.Module, prompts: list[list[int]], max_new_tokens: int) -
     return [min(max_new_tokens, context - len(p)) for p in prompts]
 
 
-def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from raw logits (B, V): argmax when greedy, else temperature, top-k, top-p."""
+def _processed_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The logits (B, V) the next token is drawn from: raw when greedy, else divided by the
+    temperature, then top-k, then top-p (dropped tokens at -inf). Their log_softmax is the
+    log-prob `rollout.base` reports (vLLM's `processed_logprobs`)."""
     if params.greedy:
-        return logits.argmax(-1)
+        return logits
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -393,7 +396,7 @@ def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generat
         mass_before = probs.cumsum(-1) - probs  # (B, V): mass of strictly more likely tokens
         drop = mass_before >= params.top_p  # never drops the most likely token (mass_before 0)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return _sample_categorical(logits.softmax(-1), generator)
+    return logits
 
 
 def _sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

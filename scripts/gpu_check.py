@@ -75,20 +75,20 @@ def build_random_llama(out: Path, tokenizer_dir: Path, small: bool) -> str:
     return str(out)
 
 
-def trainer_logprobs(model, prompt, response, device) -> torch.Tensor:
-    """(L,) raw log-probs of `response` after `prompt`, as the trainer recomputes them."""
+def trainer_logprobs(model, prompt, response, device, temperature: float = 1.0) -> torch.Tensor:
+    """(L,) log-probs of `response` after `prompt` at `temperature`, as the RL trainer recomputes them."""
     from align.core import logprobs_from_logits
 
     ids = torch.tensor([list(prompt) + list(response)], device=device)
     with torch.no_grad():
         logits = model(ids).logits  # (1, P + L, V)
-    return logprobs_from_logits(logits[:, :-1], ids[:, 1:])[0, len(prompt) - 1 :].float().cpu()
+    return logprobs_from_logits(logits[:, :-1] / temperature, ids[:, 1:])[0, len(prompt) - 1 :].float().cpu()
 
 
-def logprob_gap(model, prompts, out, device) -> dict:
+def logprob_gap(model, prompts, out, device, temperature: float = 1.0) -> dict:
     diffs = []
     for s in out.samples:
-        ref = trainer_logprobs(model, prompts[s.prompt_index], s.token_ids, device)
+        ref = trainer_logprobs(model, prompts[s.prompt_index], s.token_ids, device, temperature)
         diffs.append((torch.tensor(s.logprobs) - ref).abs())
     d = torch.cat(diffs)
     return {"mean_abs_diff": float(d.mean()), "max_abs_diff": float(d.max()), "tokens": int(d.numel())}
@@ -119,9 +119,10 @@ def rl_worker_check(model_path: str, dtype: str, device: str, prompts) -> dict:
     spec = WorkerSpec(model=ModelConfig(name_or_path=model_path, finetune="lora", dtype=dtype, device=device,
                                         lora=LoraConfig(r=16, alpha=32)),
                       trainer=TrainerConfig(lr=0.02, warmup_steps=0), roles=("actor",),
-                      rollout=RolloutConfig(backend="vllm", sleep_when_training=True), max_model_len=1024)
+                      rollout=RolloutConfig(backend="vllm", sleep_when_training=True, temperature=0.8),
+                      max_model_len=1024)
     worker = ModelWorker(spec)
-    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, seed=0)
+    params = SamplingParams(n=4, temperature=0.8, max_new_tokens=24, seed=0)
 
     def gap():
         batch = worker.generate(prompts, list(range(len(prompts))), params)
@@ -221,9 +222,10 @@ def main(argv=None) -> int:
                     [x.token_ids for x in s.samples] == [x.token_ids for x in s2.samples]}
 
         def logprobs():
-            out = engine.generate(prompts, SamplingParams(n=2, temperature=0.8, top_p=0.95, seed=2,
+            # the engine reports the sampling distribution's log-probs (RL's convention: logits / T)
+            out = engine.generate(prompts, SamplingParams(n=2, temperature=0.8, seed=2,
                                                           max_new_tokens=args.new_tokens))
-            gap = logprob_gap(hf, prompts, out, device)
+            gap = logprob_gap(hf, prompts, out, device, temperature=0.8)
             hf_backend = HFEngine(hf, tok, max_batch_size=64).generate(prompts, greedy)
             hf_greedy_ids = [x.token_ids for x in hf_backend.samples]
             gap["greedy_agreement_with_hf_backend"] = agreement(state["greedy"], hf_greedy_ids)

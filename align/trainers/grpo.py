@@ -11,9 +11,13 @@ whose rewards are all equal (`filter_zero_variance`, DAPO's dynamic sampling wit
 re-sampling), rule rewards, a reward model, or both.
 
 Old log-probs: with one optimizer step per iteration (ppo_epochs 1, one minibatch) the update
-is exactly on-policy, the ratio is 1 and its gradient is that of log pi, so the trainer uses the
-live log-probs (detached) and skips recomputing them; otherwise they come from the same fused
-no-grad pass as the reference log-probs.
+is on-policy for the trainer, the ratio is 1 and its gradient is that of log pi, so the trainer
+uses the live log-probs (detached) and skips recomputing them; otherwise they come from the same
+fused no-grad pass as the reference log-probs. Every log-prob is at the rollout temperature. The
+behaviour policy is the rollout engine's: the gap between its log-probs and the trainer's is
+logged (actor/mismatch/*) and corrected by truncated or masked importance weights
+(`algo.rollout_correction`, align/core/offpolicy.py). `algo=dr_grpo`, `algo=gspo` and
+`algo=cispo` are presets of this driver (configs/algo/).
 """
 
 from __future__ import annotations
@@ -43,9 +47,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     algo = cfg.algo
     run = RLRun(cfg, hydra_cfg, roles=("actor",), headline=("reward/mean", "eval/reward", "time/step"))
     estimator = ADVANTAGE_ESTIMATORS.get(algo.advantage_estimator)
-    loss = ActorLoss(clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
-                     agg=algo.loss_agg, kl_coef=algo.kl_coef, kl_kind=algo.kl_kind, entropy_coef=algo.entropy_coef,
-                     micro_batch_size=cfg.trainer.batch_size)
+    loss = ActorLoss.from_config(algo, cfg.trainer.batch_size, kl_in_loss=True)
     with run.guard():
         run.initial_eval()
         for step in run.steps():

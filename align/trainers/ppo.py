@@ -13,7 +13,9 @@ base with adapters off), so step 4 is one fused no-grad pass over the batch.
 kl_coef is fixed, or adaptive (Ziegler et al. 2019, Sec. 2.2): it grows when the measured KL is
 above `kl_target` and shrinks below it. Old log-probs are recomputed only when the policy takes
 more than one optimizer step per iteration (see `RLRun.recompute_old_logp`); otherwise the
-rollout engine's log-probs serve for the KL shaping and the update is on-policy.
+rollout engine's log-probs serve for the KL shaping. Log-probs are at the rollout temperature,
+and the engine/trainer gap is logged and corrected by importance weights, as in GRPO
+(`algo.rollout_correction`).
 """
 
 from __future__ import annotations
@@ -48,9 +50,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     run = RLRun(cfg, hydra_cfg, roles=("actor", "critic"), headline=("reward/mean", "eval/reward", "time/step"))
     kl_ctl = KLController(run.state.get("kl_coef", algo.kl_coef), algo.kl_controller == "adaptive",
                           algo.kl_target, algo.kl_horizon)
-    actor_loss = ActorLoss(clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
-                           agg=algo.loss_agg, entropy_coef=algo.entropy_coef,
-                           micro_batch_size=cfg.trainer.batch_size)
+    actor_loss = ActorLoss.from_config(algo, cfg.trainer.batch_size, kl_in_loss=False)
     critic_loss = CriticLoss(value_clip=algo.value_clip, agg=algo.loss_agg, vf_coef=algo.vf_coef,
                              micro_batch_size=cfg.trainer.batch_size)
     with run.guard():

@@ -294,20 +294,15 @@ class RLRun:
 
     @staticmethod
     def batch_metrics(batch: Experience) -> dict[str, float]:
-        """Response lengths, how often generation stopped on its own, and (when old log-probs
-        were recomputed) how far the engine's log-probs are from the trainer's."""
+        """Response lengths and how often generation stopped on its own. (How far the engine's
+        log-probs are from the trainer's is measured in the update: actor/mismatch/*.)"""
         if not len(batch):
             return {"samples": 0.0}
-        mask = batch.response_mask
-        out = {
+        return {
             "samples": float(len(batch)),
             "response_length": float(batch.response_lengths.float().mean()),
             "stop_frac": sum(r == "stop" for r in batch.finish_reason) / len(batch),
         }
-        if batch.old_logp is not None and batch.rollout_logp is not None:
-            diff = (batch.old_logp - batch.rollout_logp).abs()
-            out["rollout_logp_mismatch"] = float((diff * mask).sum() / mask.sum().clamp_min(1))
-        return out
 
     def save(self, step: int, trainer_state: dict) -> Path:
         """An atomic checkpoint: workers write their state into a temporary folder, the driver

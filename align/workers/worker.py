@@ -79,7 +79,9 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class ActorLoss:
-    """Options of the policy loss (align.core.ppo_policy_loss, grpo_kl_loss)."""
+    """Options of the policy loss (`policy_loss` in align.core.POLICY_LOSSES, grpo_kl_loss) and of
+    the rollout correction (align.core.rollout_correction: `none`, `tis` or `mis`, at `token` or
+    `sequence` level, capped at `correction_cap`)."""
 
     clip_eps_low: float = 0.2
     clip_eps_high: Optional[float] = None
@@ -89,6 +91,19 @@ class ActorLoss:
     kl_kind: str = "k3"
     entropy_coef: float = 0.0  # > 0: an entropy bonus, aggregated like the policy loss
     micro_batch_size: int = 8
+    policy_loss: str = "ppo"
+    rollout_correction: str = "none"
+    correction_level: str = "token"
+    correction_cap: float = 2.0
+
+    @classmethod
+    def from_config(cls, algo, micro_batch_size: int, *, kl_in_loss: bool) -> "ActorLoss":
+        """The loss an RL algorithm config asks for (GRPO puts its KL in the loss; PPO in the reward)."""
+        return cls(clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
+                   agg=algo.loss_agg, kl_coef=algo.kl_coef if kl_in_loss else 0.0, kl_kind=algo.kl_kind,
+                   entropy_coef=algo.entropy_coef, micro_batch_size=micro_batch_size, policy_loss=algo.policy_loss,
+                   rollout_correction=algo.rollout_correction, correction_level=algo.rollout_correction_level,
+                   correction_cap=algo.rollout_correction_cap)
 
 
 @dataclass(frozen=True)
@@ -184,8 +199,8 @@ class ModelWorker:
     def annotate(self, batch: Experience, roles: Sequence[str]) -> dict[str, Tensor]:
         """No-grad passes per chunk for `roles`: {"ref_logp", "old_logp", "values": (B, R),
         "rm_scores": (B,)}. Policy log-probs run each distinct prompt once for its group's rows
-        (`response_log_probs`); values and scores run whole rows. A reward model of its own base
-        (`self.scorer`) scores the batch's text."""
+        (`response_log_probs`, at the rollout temperature); values and scores run whole rows. A
+        reward model of its own base (`self.scorer`) scores the batch's text."""
         out: dict[str, list[Tensor]] = {ROLE_FIELDS[r]: [] for r in roles}
         R = batch.response_ids.shape[1]
         if "reward" in roles and self.scorer is not None:
@@ -201,7 +216,8 @@ class ModelWorker:
             for part in batch.split(self.spec.forward_batch_size) if len(batch) else []:
                 part = part.trim().to(self.device)
                 res = {role: self.model.response_log_probs(part.prompt_ids, part.prompt_mask, part.response_ids,
-                                                           part.response_mask, role=role) for role in policies}
+                                                           part.response_mask, role=role, temperature=self.temperature)
+                       for role in policies}
                 if others:
                     res.update({role: value[:, part.response_slice] if role == "critic" else value for role, value in
                                 self.model.multi_role_forward(part.input_ids, part.attention_mask, roles=others).items()})
@@ -214,30 +230,52 @@ class ModelWorker:
         return {k: torch.cat(v) if v else torch.zeros(0, R) for k, v in out.items()}
 
     # ---- updates --------------------------------------------------------------------------------
+    @property
+    def temperature(self) -> float:
+        """The temperature every RL log-prob and entropy is computed at: the rollout's, so the
+        trainer scores tokens under the distribution the engine sampled them from."""
+        return self.spec.rollout.temperature
+
     def update_actor(self, minibatches: Sequence[Experience], normalisers: Sequence[float], loss: ActorLoss) -> dict:
-        """One optimizer step per minibatch (this replica's shard of it), in micro-batches."""
-        from align.core import grpo_kl_loss, ppo_policy_loss
+        """One optimizer step per minibatch (this replica's shard of it), in micro-batches.
+
+        The behaviour policy is the rollout engine's: each token's loss is weighted by the
+        rollout correction pi_old / mu (`loss.rollout_correction`), and the sampler/trainer gap is
+        logged as mismatch/* whenever the engine's log-probs are there."""
+        from align.core import POLICY_LOSSES, grpo_kl_loss, rollout_correction
         from align.core.masked import aggregate_loss, masked_mean
+
+        policy_loss = POLICY_LOSSES.get(loss.policy_loss)
+        extra = {"dual_clip": loss.dual_clip} if loss.policy_loss == "ppo" else {}
 
         def micro_loss(mb: Experience, normaliser: float):
             out = self.model.response_log_probs(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask,
-                                                entropy=loss.entropy_coef > 0)
+                                                temperature=self.temperature, entropy=loss.entropy_coef > 0)
             logp, entropy = out if loss.entropy_coef > 0 else (out, None)
-            # No recomputed old log-probs: the update is on-policy (one step per iteration), ratio = 1.
+            # No recomputed old log-probs: the update is on-policy (one step per iteration), so the
+            # live log-probs are pi_old (ratio 1).
             old = mb.old_logp if mb.old_logp is not None else logp.detach()
-            total, stats = ppo_policy_loss(logp, old, mb.advantages, mb.response_mask, loss.clip_eps_low,
-                                           loss.clip_eps_high, loss.dual_clip, loss.agg, normaliser)
-            stats = {"pg_loss": total.detach(), **stats}
+            means, weights = {}, None
+            if mb.rollout_logp is not None:
+                weights, mismatch = rollout_correction(old, mb.rollout_logp, mb.response_mask, loss.rollout_correction,
+                                                       loss.correction_level, loss.correction_cap)
+                means.update({f"mismatch/{k}": v for k, v in mismatch.items()})
+                weights = None if loss.rollout_correction == "none" else weights
+            pg_loss, pg_stats = policy_loss(logp, old, mb.advantages, mb.response_mask,
+                                            clip_eps_low=loss.clip_eps_low, clip_eps_high=loss.clip_eps_high,
+                                            agg=loss.agg, normaliser=normaliser, weights=weights, **extra)
+            means.update(pg_stats)
+            parts, total = {"pg_loss": pg_loss.detach()}, pg_loss
             if loss.kl_coef > 0:
-                kl_loss, kl_stats = grpo_kl_loss(logp, mb.ref_logp, mb.response_mask, loss.kl_kind,
-                                                 agg=loss.agg, normaliser=normaliser)
+                kl_loss, _ = grpo_kl_loss(logp, mb.ref_logp, mb.response_mask, loss.kl_kind,
+                                          agg=loss.agg, normaliser=normaliser)
                 total = total + loss.kl_coef * kl_loss
-                stats["kl_loss"] = kl_loss.detach()
+                parts["kl_loss"] = kl_loss.detach()
             if entropy is not None:
                 bonus = aggregate_loss(entropy, mb.response_mask, loss.agg, normaliser)
                 total = total - loss.entropy_coef * bonus
-                stats["entropy"] = masked_mean(entropy.detach(), mb.response_mask)
-            return total, stats
+                means["entropy"] = masked_mean(entropy.detach(), mb.response_mask)
+            return total, parts, means
 
         return self._update("actor", minibatches, normalisers, loss.micro_batch_size, micro_loss)
 
@@ -249,29 +287,34 @@ class ModelWorker:
             values = self.model.values(mb.input_ids, mb.attention_mask)[:, mb.response_slice]
             vf_loss, stats = ppo_value_loss(values, mb.values, mb.returns, mb.response_mask, loss.value_clip,
                                             loss.agg, normaliser)
-            return loss.vf_coef * vf_loss, {"vf_loss": vf_loss.detach(), **stats}
+            return loss.vf_coef * vf_loss, {"vf_loss": vf_loss.detach()}, stats
 
         return self._update("critic", minibatches, normalisers, loss.micro_batch_size, micro_loss)
 
     def _update(self, role, minibatches, normalisers, micro_batch_size, micro_loss) -> dict:
+        """`micro_loss(micro, normaliser) -> (loss, parts, means)`: the micro-batch's share of the
+        minibatch loss (normalised by the minibatch's global normaliser), the named shares it is
+        made of (pg_loss, kl_loss, vf_loss: summed over micro-batches and replicas, like the loss),
+        and statistics that are means over the micro-batch's tokens (token-weighted across them)."""
         params = self.model.trainable_parameters(role)
         optimizer, scheduler = self.optimizers[role], self.schedulers[role]
         stats = _StatSums()
         self.model.train()
         for mb, normaliser in zip(minibatches, normalisers):
             optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
+            step = {"loss": 0.0}
             for micro in mb.split(micro_batch_size) if len(mb) else []:
                 micro = micro.trim().to(self.device)
-                loss, micro_stats = micro_loss(micro, normaliser)
+                loss, parts, means = micro_loss(micro, normaliser)
                 loss.backward()
-                loss_sum += float(loss.detach())
-                stats.add(micro_stats, weight=micro.num_response_tokens)
+                for k, v in {"loss": loss.detach(), **parts}.items():
+                    step[k] = step.get(k, 0.0) + float(v)
+                stats.add(means, weight=micro.num_response_tokens)
             self._all_reduce_grads(params)
             max_norm = self.spec.trainer.max_grad_norm or float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             optimizer.step()
-            stats.add_step({"loss": loss_sum, "grad_norm": float(grad_norm)})
+            stats.add_step({**step, "grad_norm": float(grad_norm)})
         scheduler.step()  # one schedule step per iteration: trainer.max_steps spans the run
         optimizer.zero_grad(set_to_none=True)
         return {**stats.state(), "lr": scheduler.get_last_lr()[0]}
@@ -518,9 +561,10 @@ class _StatSums:
 def combine_stats(states: Sequence[dict], prefix: str) -> dict[str, float]:
     """Merge the replicas' `_StatSums` states into one metrics dict.
 
-    Token-weighted statistics average over all replicas' tokens. Per-step `loss` values are each
-    replica's share of the minibatch loss, so they add over replicas; `grad_norm` is the same on
-    every replica (the gradients were summed), so it is read from one.
+    Token-weighted statistics average over all replicas' tokens. Per-step values other than
+    `grad_norm` (the loss and its parts: pg_loss, kl_loss, vf_loss) are each replica's share of
+    the minibatch's value, so they add over replicas, then average over optimizer steps;
+    `grad_norm` is the same on every replica (the gradients were summed), so it is read from one.
     """
     weight = sum(s["weight"] for s in states) or 1.0
     keys = {k for s in states for k in s["sums"]}
@@ -528,7 +572,8 @@ def combine_stats(states: Sequence[dict], prefix: str) -> dict[str, float]:
     for k in sorted({k for s in states for k in s["maxima"]}):
         out[f"{prefix}/{k}"] = max(s["maxima"][k] for s in states if k in s["maxima"])
     steps = max(states[0]["steps"], 1)
-    out[f"{prefix}/loss"] = sum(s["step_sums"].get("loss", 0.0) for s in states) / steps
+    for k in sorted({k for s in states for k in s["step_sums"]} - {"grad_norm"}):
+        out[f"{prefix}/{k}"] = sum(s["step_sums"].get(k, 0.0) for s in states) / steps
     out[f"{prefix}/grad_norm"] = states[0]["step_sums"].get("grad_norm", 0.0) / steps
     if "lr" in states[0]:
         out[f"{prefix}/lr"] = states[0]["lr"]

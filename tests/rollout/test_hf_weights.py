@@ -105,13 +105,13 @@ def test_generates_from_the_shared_actor_role_without_copying(stories, prompts):
         reference = HFEngine(m, tok, eos_token_id=[]).generate(prompts, GREEDY)
     assert tokens(first) != tokens(reference), "the actor adapter is active while generating"
 
-    # The trainer's own recompute (temperature 1: raw log-probs) equals the engine's.
-    sampled = engine.generate(prompts, SamplingParams(n=2, temperature=0.7, top_p=0.9, max_new_tokens=16, seed=0))
+    # The trainer's own recompute at the sampling temperature equals the engine's.
+    sampled = engine.generate(prompts, SamplingParams(n=2, temperature=0.7, max_new_tokens=16, seed=0))
     mh.eval()
     for s in sampled.samples:
         ids = torch.tensor([prompts[s.prompt_index] + s.token_ids])
         with torch.no_grad():
-            logp = mh.log_probs(ids, torch.ones_like(ids), role="actor")[0, -len(s.token_ids) :]
+            logp = mh.log_probs(ids, torch.ones_like(ids), role="actor", temperature=0.7)[0, -len(s.token_ids) :]
         assert torch.allclose(torch.tensor(s.logprobs), logp, atol=1e-4)
 
     # An optimizer step on the actor is seen without any sync; update_weights is a no-op.

@@ -39,19 +39,19 @@ def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
     return out
 
 
-def trainer_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
-    """(L,) raw log-probs of `response` after `prompt`, the way the trainer recomputes them."""
+def trainer_logprobs(model, prompt: list[int], response: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """(L,) log-probs of `response` after `prompt` at `temperature`, the way the trainer recomputes them."""
     ids = torch.tensor([prompt + response])  # (1, P + L)
     with torch.no_grad():
         logits = model(ids).logits  # (1, P + L, V)
-    logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])[0]  # (P + L - 1,): position t scores token t + 1
+    logp = logprobs_from_logits(logits[:, :-1] / temperature, ids[:, 1:])[0]  # (P + L - 1,): t scores t + 1
     return logp[len(prompt) - 1 :]
 
 
-def assert_logprobs_match(model, prompts, out):
+def assert_logprobs_match(model, prompts, out, temperature: float = 1.0):
     worst = 0.0
     for s in out.samples:
-        ref = trainer_logprobs(model, prompts[s.prompt_index], s.token_ids)
+        ref = trainer_logprobs(model, prompts[s.prompt_index], s.token_ids, temperature)
         got = torch.tensor(s.logprobs, dtype=ref.dtype)
         assert got.shape == ref.shape
         worst = max(worst, float((got - ref).abs().max()))
@@ -93,14 +93,16 @@ def test_seeded_sampling_with_n(engine, prompts):
     assert [s.token_ids for s in c.samples] != [s.token_ids for s in a.samples]
 
 
-def test_sampled_logprobs_are_raw_and_match_trainer(engine, hf_model, prompts):
-    """With temperature, top-k and top-p on, the returned log-probs are still the raw
-    log_softmax of the logits (what the trainer recomputes), within 1e-4 in fp32. Had vLLM
-    returned processed log-probs, temperature 0.7 alone would put them ~0.3 nats away."""
-    params = SamplingParams(n=3, temperature=0.7, top_k=50, top_p=0.9, seed=7, max_new_tokens=STEPS)
+def test_sampled_logprobs_are_the_sampling_distributions_and_match_trainer(engine, hf_model, prompts):
+    """At temperature 0.7 the returned log-probs are log_softmax(logits / 0.7) of each sampled token
+    (`processed_logprobs`, what the RL trainer recomputes at the rollout temperature), within 1e-4
+    in fp32; the raw log-probs (temperature 1) are clearly elsewhere."""
+    params = SamplingParams(n=3, temperature=0.7, seed=7, max_new_tokens=STEPS)
     out = engine.generate(prompts, params)
     assert len(out.samples) == 9
-    assert_logprobs_match(hf_model, prompts, out)
+    assert_logprobs_match(hf_model, prompts, out, temperature=0.7)
+    with pytest.raises(AssertionError, match="log-prob difference"):
+        assert_logprobs_match(hf_model, prompts, out, temperature=1.0)
 
 
 def test_stop_strings_stop_token_ids_and_max_new_tokens(engine, tokenizer, prompts):

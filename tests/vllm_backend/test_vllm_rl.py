@@ -19,7 +19,10 @@ from align.config import LoraConfig, ModelConfig, RolloutConfig, TrainerConfig  
 from align.workers.worker import ActorLoss, ModelWorker, WorkerSpec  # noqa: E402
 from rollout.base import SamplingParams  # noqa: E402
 
-PARAMS = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=0)
+# RL samples at a temperature and scores at the same one: vLLM's processed log-probs against the
+# worker's recomputation from logits / 0.7.
+TEMPERATURE = 0.7
+PARAMS = SamplingParams(n=2, temperature=TEMPERATURE, max_new_tokens=12, seed=0)
 
 
 def rollout_gap(worker: ModelWorker, prompts) -> float:
@@ -45,7 +48,7 @@ def test_vllm_rollout_follows_the_trained_actor(finetune, tiny_path, prompts):
         model=ModelConfig(name_or_path=tiny_path, finetune=finetune,
                           lora=LoraConfig(r=8, alpha=16, dropout=0.0)),
         trainer=TrainerConfig(lr=0.05 if finetune == "lora" else 0.01, warmup_steps=0),
-        roles=("actor",), rollout=RolloutConfig(backend="vllm", sleep_when_training=True),
+        roles=("actor",), rollout=RolloutConfig(backend="vllm", sleep_when_training=True, temperature=TEMPERATURE),
         max_model_len=128,
     )
     worker = ModelWorker(spec)
@@ -76,9 +79,10 @@ def ray_cluster():
 
 def test_grpo_run_with_vllm_rollouts(ray_cluster, tiny_path, tmp_path):
     """The whole driver with `rollout=vllm`: workers as Ray actors, eval, checkpoint and export.
-    Two epochs per iteration make the driver recompute the old log-probs with the actor, and log
-    their distance from the rollout's (`rollout_logp_mismatch`); after every synced update it must
-    stay at float rounding (lr 0.05 moves this random model's outputs by far more)."""
+    Two epochs per iteration make the driver recompute the old log-probs with the actor, at the
+    rollout temperature 0.7; the worker logs their distance from vLLM's (`actor/mismatch/*`), which
+    after every synced update must stay at float rounding (lr 0.05 moves this random model's
+    outputs by far more), so the truncated IS weights stay 1."""
     from align.config import compose
     from align.trainers.grpo import train
     from align.trainers.metrics import read_metrics
@@ -88,13 +92,14 @@ def test_grpo_run_with_vllm_rollouts(ray_cluster, tiny_path, tmp_path):
         f"output_dir={tmp_path}", "trainer.max_steps=3", "trainer.eval_every=3", "trainer.save_every=3",
         "trainer.progress=false", "trainer.lr=0.05", "trainer.warmup_steps=0", "rollout.max_new_tokens=16",
         "algo.rollout_batch_size=4", "algo.num_generations=4", "algo.ppo_epochs=2", "algo.eval_prompts=8",
-        "algo.eval_samples=1", "seed=0",
+        "algo.eval_samples=1", "rollout.temperature=0.7", "seed=0",
     ])
     summary = train(cfg, hydra_cfg)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for r in rows[1:]:
         assert r["samples"] == 16 and r["time/generate"] > 0
-        assert r["rollout_logp_mismatch"] < 1e-4, r
+        assert r["actor/mismatch/abs_logp_diff"] < 1e-4, r
+        assert r["actor/mismatch/weight_mean"] == pytest.approx(1.0, abs=1e-3), r
     assert (tmp_path / "checkpoints" / "step_3").is_dir()
     assert summary["export_dir"]

@@ -31,7 +31,7 @@ def test_ppo_raises_heldout_story_reward(ray_cluster, tmp_path):
         assert math.isfinite(r["actor/loss"]) and math.isfinite(r["critic/vf_loss"])
         assert r["kl/coef"] == pytest.approx(0.02)  # fixed controller
     # two epochs x two minibatches: old log-probs recomputed, and they match the engine's
-    assert all(r["rollout_logp_mismatch"] < 1e-3 for r in rows)
+    assert all(r["actor/mismatch/abs_logp_diff"] < 1e-3 for r in rows)
     # the critic learns: explained variance climbs from below zero
     assert rows[0]["critic/explained_variance"] < rows[-1]["critic/explained_variance"]
     assert rows[-1]["critic/explained_variance"] > 0.2
@@ -154,7 +154,7 @@ def test_split_placement_with_full_fine_tuning(ray_cluster, tmp_path):
     assert len(rows) == 2
     for r in rows:
         assert math.isfinite(r["actor/loss"]) and math.isfinite(r["critic/vf_loss"])
-        assert r["rollout_logp_mismatch"] < 1e-3  # the engine runs the trained weights themselves
+        assert r["actor/mismatch/abs_logp_diff"] < 1e-3  # the engine runs the trained weights themselves
     assert rows[0]["kl/kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout is the reference's policy
     assert rows[1]["kl/kl"] > 0
     final = AutoModelForCausalLM.from_pretrained(summary["export_dir"]).state_dict()

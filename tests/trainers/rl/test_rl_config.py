@@ -32,6 +32,51 @@ def test_bad_grpo_values_name_the_key(kwargs, key):
         GRPOConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, key", [
+    ({"policy_loss": "trpo"}, "algo.policy_loss"),
+    ({"rollout_correction": "is"}, "algo.rollout_correction"),
+    ({"rollout_correction_level": "geo"}, "algo.rollout_correction_level"),
+    ({"rollout_correction_cap": 0.0}, "algo.rollout_correction_cap"),
+    ({"policy_loss": "gspo", "dual_clip": 3.0}, "algo.dual_clip"),
+    ({"policy_loss": "cispo", "clip_eps_low": 1.5}, "algo.clip_eps_low"),
+])
+def test_bad_policy_loss_and_correction_values_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        GRPOConfig(**kwargs)
+
+
+def test_dr_grpo_is_a_whole_recipe():
+    """algo=dr_grpo selects both halves of Dr. GRPO (no std in the advantage, a constant length
+    normaliser); the advantage alone with a length-normalised loss is refused, pointing there."""
+    cfg, _ = compose(["algo=dr_grpo"])
+    assert cfg.algo.name == "grpo"
+    assert (cfg.algo.advantage_estimator, cfg.algo.loss_agg) == ("dr_grpo", "seq-mean-token-sum-norm")
+    with pytest.raises(ConfigError, match="algo=dr_grpo"):
+        compose(["algo=grpo", "algo.advantage_estimator=dr_grpo"])
+
+
+def test_gspo_and_cispo_presets_carry_their_papers_settings():
+    gspo, _ = compose(["algo=gspo"])
+    assert (gspo.algo.policy_loss, gspo.algo.loss_agg) == ("gspo", "seq-mean-token-mean")
+    assert (gspo.algo.clip_eps_low, gspo.algo.clip_eps_high) == (3e-4, 4e-4)
+    cispo, _ = compose(["algo=cispo"])
+    assert (cispo.algo.policy_loss, cispo.algo.clip_eps_low, cispo.algo.loss_agg) == ("cispo", 1.0, "token-mean")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["rollout.top_p=0.9"], "rollout.top_p"),
+    (["rollout.top_k=50"], "rollout.top_k"),
+    (["rollout.temperature=0"], "rollout.temperature"),
+])
+def test_rl_refuses_a_sampler_its_log_probs_would_not_match(overrides, key):
+    """RL log-probs are softmax(logits / T) over the whole vocabulary; top-p/top-k would make the
+    sampler's distribution another one, and T = 0 has no distribution at all."""
+    for algo in ("grpo", "ppo"):
+        with pytest.raises(ConfigError, match=key):
+            compose([f"algo={algo}", *overrides])
+    compose(["algo=sft", *overrides])  # evaluation-only sampling elsewhere is not RL's business
+
+
 def test_unknown_estimator_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="dr_grpo.*grpo.*reinforce_pp.*rloo"):
         GRPOConfig(advantage_estimator="vanilla")
