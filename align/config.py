@@ -581,8 +581,21 @@ class RunConfig:
     output_dir: str = "runs/default"
 
     def __post_init__(self):
+        name = getattr(self.algo, "name", "sft")
+        if self.cluster.num_replicas > 1 and name not in REPLICATED_ALGOS:
+            stage = "kto" if getattr(self.algo, "loss", None) == "kto" else name
+            raise ConfigError(
+                f"cluster.num_replicas: {self.cluster.num_replicas} replicas are for the RL stages "
+                f"{list(REPLICATED_ALGOS)}; algo={stage} runs in one process (SFT, DPO, KTO and RM have no data "
+                f"parallelism yet), so the replicas would be ignored. Set cluster.num_replicas=1"
+                + (" and give RL stages theirs in algo.overrides" if name == "pipeline" else "")
+            )
         if isinstance(self.algo, RLConfig):
             _check_rl_sampling(self.rollout)
+
+
+# Stages whose workers run as `cluster.num_replicas` data-parallel replicas (align/workers/group.py).
+REPLICATED_ALGOS = ("grpo", "ppo")
 
 
 def _check_rl_sampling(r: RolloutConfig) -> None:

@@ -69,3 +69,16 @@ def test_importing_align_is_light():
     code = "import sys, align, align.config; bad = [m for m in ('ray', 'vllm', 'torch', 'transformers') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo", "kto", "rm", "quantize", "pipeline"])
+def test_replicas_refused_for_single_process_stages(algo):
+    # Only the RL stages run data-parallel replicas; elsewhere the key used to be ignored silently.
+    with pytest.raises(ConfigError, match=rf"cluster\.num_replicas: 2 replicas .* algo={algo} runs in one process"):
+        compose([f"algo={algo}", "cluster.num_replicas=2"])
+    assert compose([f"algo={algo}"])[0].cluster.num_replicas == 1
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_replicas_accepted_for_rl_stages(algo):
+    assert compose([f"algo={algo}", "cluster.num_replicas=2"])[0].cluster.num_replicas == 2
