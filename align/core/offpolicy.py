@@ -7,7 +7,7 @@ off-policy even when it is nominally on-policy. Yao et al. 2025, "Your Efficient
 Secretly Brings You Off-Policy RL Training" (https://fengyao.notion.site/off-policy-rl), correct
 it with an importance weight rho = pi_old / mu on each token's policy-gradient term, truncated
 at a cap C (TIS: w = min(rho, C)); Liu, Li et al. 2025, "When Speed Kills Stability:
-Demystifying RL Collapse from the Training-Inference Mismatch" (blog, Sept. 2025), mask
+Demystifying RL Collapse from the Training-Inference Mismatch" (https://richardli.xyz/rl-collapse), mask
 instead (MIS: w = rho if rho <= C else 0), at the token or the sequence level (rho of a sequence
 = prod_t rho_t). veRL's `rollout_is` and OpenRLHF's `vllm_is` are the same idea.
 
