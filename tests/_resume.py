@@ -1,10 +1,10 @@
 """The exact-resume check shared by the SIGKILL tests of GRPO, PPO and RM.
 
 `check_sigkill_resume` runs `python -m align <overrides>` three ways: once uninterrupted, once
-SIGKILLed right after its first checkpoint (step k) was written and logged, and once more with
-the very same command, which must resume from step k. The resumed run's metrics.jsonl must hold
-exactly one row per step, and every row (all metrics but wall times) and every tensor of the
-final checkpoint must equal the uninterrupted run's, bit for bit.
+SIGKILLed right after a checkpoint (step k) was logged and written, and once more with the very
+same command, which must resume from step k and redo at least three steps. The resumed run's
+metrics.jsonl must hold exactly one row per step, and every row (all metrics but wall times) and
+every tensor of the final checkpoint must equal the uninterrupted run's, bit for bit.
 """
 
 from __future__ import annotations
@@ -92,11 +92,11 @@ def _kill_after_first_checkpoint(overrides: list[str], out: Path, timeout: float
 def check_sigkill_resume(overrides: list[str], tmp_path: Path, *, max_steps: int, save_every: int,
                          timeout: float = 300) -> dict[int, dict]:
     """The three runs described in the module docstring; `overrides` must not set max_steps,
-    save_every or output_dir. The first checkpoint, at `save_every`, must leave at least three
-    steps to redo. Returns the resumed run's rows."""
-    assert max_steps - save_every >= 3, "resume must be compared over at least three steps"
+    save_every or output_dir. The kill comes once the first checkpoint is written; it may land a
+    checkpoint or two later on a slow machine, as long as at least three steps are left to redo.
+    Returns the resumed run's rows."""
     overrides = [*overrides, f"trainer.max_steps={max_steps}", f"trainer.save_every={save_every}",
-                 "trainer.keep_checkpoints=3", "trainer.progress=false"]
+                 "trainer.keep_checkpoints=3"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     uninterrupted = _start(overrides, whole, "whole")  # alongside the killed run: the waits overlap
     try:
@@ -105,9 +105,10 @@ def check_sigkill_resume(overrides: list[str], tmp_path: Path, *, max_steps: int
         _finish(*uninterrupted, timeout)
     expected = read_rows(whole)
     assert sorted(expected) == list(range(max_steps + 1))
-    assert resumed_from == save_every, f"the kill came too late: the newest checkpoint is step {resumed_from}"
+    assert max_steps - resumed_from >= 3, f"the kill came too late: the newest checkpoint is step {resumed_from}"
     stderr = _finish(*_start(overrides, killed, "resumed"), timeout)
-    assert f"resumed from {killed / 'checkpoints' / f'step_{save_every}'} at step {save_every}" in stderr, stderr[-3000:]
+    assert f"resumed from {killed / 'checkpoints' / f'step_{resumed_from}'} at step {resumed_from}" in stderr, \
+        stderr[-3000:]
 
     got = read_rows(killed)
     assert sorted(got) == list(range(max_steps + 1)), "metrics.jsonl must hold exactly one row per step"

@@ -379,7 +379,7 @@ class ModelWorker:
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
         self.sync_rollout()
-        plain, tensors = Path(path) / RNG_FILE.format(rank=self.rank), Path(path) / TORCH_RNG_FILE.format(rank=self.rank)
+        plain, tensors = (Path(path) / f.format(rank=self.rank) for f in (RNG_FILE, TORCH_RNG_FILE))
         if plain.exists() and tensors.exists():
             set_rng_state(json.loads(plain.read_text()), torch.load(tensors, weights_only=True))
         else:
