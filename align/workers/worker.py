@@ -25,6 +25,7 @@ tests may also build it in-process.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +36,14 @@ from torch import Tensor
 
 from align.config import ModelConfig, RolloutConfig, TrainerConfig
 from align.models.scorer import reward_model_kind
+from align.trainers.checkpoint import rng_state, set_rng_state
 from align.workers.batch import Experience, _pad_to, from_rollout
 
 # annotate(): which Experience field each role fills.
 ROLE_FIELDS = {"reference": "ref_logp", "actor": "old_logp", "critic": "values", "reward": "rm_scores"}
 OPTIMIZER_FILE = "optimizer.pt"
+# Each replica's RNG states (python, numpy, torch CPU and CUDA): align.trainers.checkpoint.rng_state.
+RNG_FILE, TORCH_RNG_FILE = "rng_rank{rank}.json", "torch_rng_rank{rank}.pt"
 
 
 @dataclass(frozen=True)
@@ -385,12 +389,16 @@ class ModelWorker:
         )
 
     def save(self, path: str) -> None:
-        """Rank 0 writes every role (adapter / weights and head) and the optimizer and schedule
-        states under `path`; the replicas are identical, so the others write nothing."""
-        if self.rank != 0:
-            return
+        """Every rank writes its own RNG states (LoRA dropout draws from them, and each replica
+        draws for its own shard); rank 0 also writes every role (adapter / weights and head) and
+        the optimizer and schedule states under `path`, identical on the replicas."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
+        plain, tensors = rng_state()
+        (out / RNG_FILE.format(rank=self.rank)).write_text(json.dumps(plain))
+        torch.save(tensors, out / TORCH_RNG_FILE.format(rank=self.rank))
+        if self.rank != 0:
+            return
         self.model.save(str(out))
         torch.save({"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                     "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}, out / OPTIMIZER_FILE)
@@ -404,7 +412,9 @@ class ModelWorker:
         return path
 
     def load(self, path: str) -> None:
-        """Restore what `save` wrote (every replica loads the same files)."""
+        """Restore what `save` wrote: every replica loads rank 0's weights and optimizer states
+        and its own RNG states. A checkpoint without this rank's RNG files (written by fewer
+        replicas) resumes with a warning: dropout masks then differ from the uninterrupted run."""
         self.model.load(path)
         state = torch.load(Path(path) / OPTIMIZER_FILE, weights_only=True)
         for k, o in self.optimizers.items():
@@ -412,6 +422,14 @@ class ModelWorker:
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
         self.sync_rollout()
+        plain, tensors = (Path(path) / f.format(rank=self.rank) for f in (RNG_FILE, TORCH_RNG_FILE))
+        if plain.exists() and tensors.exists():
+            set_rng_state(json.loads(plain.read_text()), torch.load(tensors, weights_only=True))
+        else:
+            import warnings
+
+            warnings.warn(f"{self.name} rank {self.rank}: {plain} not found; its RNG starts from the seed, so LoRA "
+                          "dropout will not match the uninterrupted run")
 
     def shutdown(self) -> None:
         import torch.distributed as dist
