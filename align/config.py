@@ -66,7 +66,7 @@ class ModelConfig:
 
     name_or_path: str = "stories260K"
     tokenizer: Optional[str] = None
-    dtype: str = "float32"
+    dtype: str = "float32"  # storage of the weights; trainable ones are fp32 masters under trainer.precision=bf16-mixed
     device: str = "cpu"
     trust_remote_code: bool = False
     finetune: str = "full"
@@ -131,6 +131,8 @@ class TrainerConfig:
 
     batch_size is the micro-batch; one optimizer step sees batch_size * grad_accum examples.
     resume: `auto` (continue from the newest checkpoint in output_dir if any), `never`, or a path.
+    precision: `fp32`, or `bf16-mixed` (bf16 compute under autocast over fp32 master weights and
+        fp32 optimizer state; align/engine). `model.dtype` is the weights' storage.
     """
 
     max_steps: int = 100
@@ -151,8 +153,12 @@ class TrainerConfig:
     resume: str = "auto"
     num_threads: int = 0
     progress: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self):
+        from align.engine import PRECISIONS
+
+        _one_of("trainer.precision", self.precision, PRECISIONS)
         _positive("trainer.max_steps", self.max_steps)
         _positive("trainer.batch_size", self.batch_size)
         _positive("trainer.grad_accum", self.grad_accum)
@@ -592,6 +598,16 @@ class RunConfig:
             )
         if isinstance(self.algo, RLConfig):
             _check_rl_sampling(self.rollout)
+        m = self.model
+        if m.finetune == "full" and m.dtype in HALF_DTYPES and self.trainer.precision == "fp32":
+            raise ConfigError(
+                f"model.dtype={m.dtype} with model.finetune=full and trainer.precision=fp32 would step AdamW on "
+                f"{m.dtype} weights (updates smaller than its resolution vanish): set trainer.precision=bf16-mixed "
+                "(fp32 master weights and optimizer state, bf16 compute), or model.dtype=float32"
+            )
+
+
+HALF_DTYPES = ("bfloat16", "bf16", "float16", "fp16")
 
 
 # Stages whose workers run as `cluster.num_replicas` data-parallel replicas (align/workers/group.py).
