@@ -14,6 +14,7 @@ from align.config import CONFIG_DIR, ConfigError, register_resolvers, register_s
 
 def _task(cfg) -> None:
     from align.config import to_config
+    from align.lifecycle import RunStopped, stop_on_signals
     from align.trainers import run
 
     try:
@@ -21,7 +22,13 @@ def _task(cfg) -> None:
     except ConfigError as exc:
         print(f"align: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
-    run(run_cfg, cfg)
+    # SIGTERM or Ctrl-C: finish the step, checkpoint, exit 128 + the signal (align/lifecycle.py)
+    try:
+        with stop_on_signals():
+            run(run_cfg, cfg)
+    except RunStopped as stop:
+        print(f"align: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 def main() -> None:

@@ -530,8 +530,12 @@ def run_ray(settings: ServeSettings, args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    ray.init(address=args.ray_address or "local", include_dashboard=False, num_cpus=args.ray_num_cpus,
-             log_to_driver=True)
+    from align.lifecycle import watch_ray_session
+
+    context = ray.init(address=args.ray_address or "local", include_dashboard=False, num_cpus=args.ray_num_cpus,
+                       log_to_driver=True)
+    # a Ray of our own is ended by a watchdog should this process be SIGKILLed (align/lifecycle.py)
+    watchdog = None if args.ray_address else watch_ray_session(context.address_info["session_dir"])
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if settings.backend == "vllm" else 0.0)
@@ -545,6 +549,8 @@ def run_ray(settings: ServeSettings, args: argparse.Namespace) -> None:
             serve.shutdown()
         finally:
             ray.shutdown()
+            if watchdog is not None:
+                watchdog.release()
 
 
 def run_uvicorn(settings: ServeSettings, args: argparse.Namespace) -> None:

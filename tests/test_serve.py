@@ -35,7 +35,7 @@ from pathlib import Path
 import openai  # a dev dependency; ray[serve] brings fastapi and uvicorn (no skip: missing is a failure)
 import pytest
 
-from _session import kill_session
+from _session import kill_session, session_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 240
@@ -367,3 +367,19 @@ def test_malformed_request_gets_400_in_openai_error_shape(server, payload, route
     error = json.loads(err.value.read())["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and error["message"]
+
+
+def test_sigterm_stops_the_server_and_leaves_no_process(launched, server):
+    """Last in this file. SIGTERM: the server shuts Serve and Ray down and exits 0 (~8 s with the
+    2 cores loaded; the bound is looser), and no process of its session is left: the watchdog
+    (align/lifecycle.py) ends anything Ray's shutdown left."""
+    proc = launched.procs[-1]
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=45) == 0, launched.log_path.read_text()[-3000:]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"server still running 45 s after SIGTERM:\n{launched.log_path.read_text()[-3000:]}")
+    deadline = time.monotonic() + 15
+    while session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not session_pids(proc.pid)

@@ -40,6 +40,7 @@ import torch
 
 from align.config import DataConfig, DPOConfig, RunConfig
 from align.core import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, kto_reference_point, masked_mean
+from align.lifecycle import save_or_stop
 from align.trainers.checkpoint import Checkpointer
 from align.trainers.common import (
     EpochBatches,
@@ -489,9 +490,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             val_after = evaluate(model, objective, val_items, pad_id, algo.reference_batch_size)
             metrics.update(_prefixed("val", val_after))
         log.log(step, metrics, advance=1)
-        if step % tcfg.save_every == 0 or step == tcfg.max_steps:
-            ckpt.save(step, model=model, optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
-                      trainer_state={"data": order.state_dict(), "val_before": val_before, "val_after": val_after})
+        save_or_stop(step, tcfg, lambda: ckpt.save(
+            step, model=model, optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
+            trainer_state={"data": order.state_dict(), "val_before": val_before, "val_after": val_after}), log)
     log.close()
 
     # 7. Save the final model (or adapter) with its tokenizer, and the summary.

@@ -16,11 +16,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from align.config import RunConfig
+from align.lifecycle import save_or_stop
 from align.models.scorer import reward_model_kind
 from align.trainers.checkpoint import STATE, Checkpointer, rng_state, set_rng_state
 from align.trainers.common import EpochBatches, prepare_output_dir, seed_everything, set_threads
@@ -59,22 +60,25 @@ def load_prompts(cfg: RunConfig, tokenizer) -> Prompts:
     return Prompts(tokenize_prompts(train, tokenizer, **kw), tokenize_prompts(val, tokenizer, **kw))
 
 
-def init_ray(cluster) -> bool:
+def init_ray(cluster) -> Callable[[], None] | None:
     """Start (address `local`: an in-process cluster, no dashboard by default) or join Ray;
-    returns whether this call started it. An already initialised Ray (a test fixture) is reused."""
+    returns the function that shuts down (or leaves) what this call started, None when it reused
+    an already initialised Ray (a test fixture). Keeps the run's stop-signal handlers."""
     import logging
 
     import ray
 
-    if ray.is_initialized():
-        return False
-    if cluster.address == "local":
-        from align.workers.group import init_local_ray
+    from align.lifecycle import keep_signal_handlers
 
-        init_local_ray(num_cpus=cluster.num_cpus, include_dashboard=cluster.include_dashboard)
-    else:
+    if ray.is_initialized():
+        return None
+    with keep_signal_handlers():
+        if cluster.address == "local":
+            from align.workers.group import init_local_ray
+
+            return init_local_ray(num_cpus=cluster.num_cpus, include_dashboard=cluster.include_dashboard)
         ray.init(address=cluster.address, logging_level=logging.WARNING)
-    return True
+        return ray.shutdown
 
 
 class RLRun:
@@ -121,7 +125,7 @@ class RLRun:
             raise ValueError("reward: set reward.name (a rule reward), reward.model_path (a reward model), or both")
 
         self.placement, self.log = None, None
-        self._started_ray = init_ray(cfg.cluster)
+        self._shutdown_ray = init_ray(cfg.cluster)
         try:
             self._start(cfg, roles, headline)
         except BaseException:
@@ -276,7 +280,8 @@ class RLRun:
         return metrics["reward/mean"]
 
     def end_step(self, step: int, metrics: dict[str, Any], trainer_state: dict) -> dict[str, Any]:
-        """Add the phase times, evaluate and checkpoint when due, and log the step."""
+        """Add the phase times, evaluate when due, log the step, and checkpoint when due or after a
+        stop signal (then raise `RunStopped`: align/lifecycle.py)."""
         times = {f"time/{k}": self.times.get(k, 0.0) for k in PHASES}
         times["time/step"] = sum(times.values())
         for k, v in times.items():
@@ -288,8 +293,7 @@ class RLRun:
             metrics["eval/reward"] = self.eval_after = self.evaluate()
             metrics["time/eval"] = time.perf_counter() - t0
         self.log.log(step, metrics, advance=1)
-        if step % self.tcfg.save_every == 0 or step == self.tcfg.max_steps:
-            self.save(step, trainer_state)
+        save_or_stop(step, self.tcfg, lambda: self.save(step, trainer_state))
         return metrics
 
     @staticmethod
@@ -363,11 +367,9 @@ class RLRun:
         if self.placement is not None:
             self.placement.kill()
             self.placement = None
-        if self._started_ray:
-            import ray
-
-            ray.shutdown()
-            self._started_ray = False
+        if self._shutdown_ray is not None:
+            self._shutdown_ray()
+            self._shutdown_ray = None
 
 
 def update_plan(batch: Experience, *, epochs: int, num_minibatches: int, agg: str, max_len: int,

@@ -36,6 +36,7 @@ import torch
 
 from align.config import DataConfig, ModelConfig, RMConfig, RunConfig
 from align.core import bradley_terry_loss
+from align.lifecycle import save_or_stop
 from align.trainers.checkpoint import Checkpointer
 from align.trainers.common import (
     EpochBatches,
@@ -308,9 +309,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             val_after = evaluate(model, val_items, pad_id, tcfg.batch_size)
             metrics.update(_prefixed("val", val_after))
         log.log(step, metrics, advance=1)
-        if step % tcfg.save_every == 0 or step == tcfg.max_steps:
-            ckpt.save(step, model=model, optimizers={"reward": optimizer}, schedulers={"reward": scheduler},
-                      trainer_state={"data": order.state_dict(), "val_before": val_before})
+        save_or_stop(step, tcfg, lambda: ckpt.save(
+            step, model=model, optimizers={"reward": optimizer}, schedulers={"reward": scheduler},
+            trainer_state={"data": order.state_dict(), "val_before": val_before}), log)
     log.close()
 
     # 6. The reward role (PPO's reward.model_path), the sequence-classifier export, the summary.

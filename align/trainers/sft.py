@@ -19,6 +19,7 @@ import torch
 
 from align.config import RunConfig
 from align.core import logprobs_from_logits, masked_sum
+from align.lifecycle import save_or_stop
 from align.trainers.checkpoint import Checkpointer
 from align.trainers.common import (
     EpochBatches,
@@ -166,9 +167,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             val_loss = evaluate(model, val_batches)
             metrics["val_loss"] = val_loss
         log.log(step, metrics, advance=1)
-        if step % tcfg.save_every == 0 or step == tcfg.max_steps:
-            ckpt.save(step, model=model, optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
-                      trainer_state={"data": order.state_dict(), "val_loss_before": val_before})
+        save_or_stop(step, tcfg, lambda: ckpt.save(
+            step, model=model, optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
+            trainer_state={"data": order.state_dict(), "val_loss_before": val_before}), log)
     log.close()
 
     # 6. Save the final model (or adapter) with its tokenizer, and the summary.

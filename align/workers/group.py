@@ -12,30 +12,43 @@ worker, its pid and host and the verb it was running, never as a hang or a bare 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from align.workers.batch import Experience
 from align.workers.worker import ModelWorker, ScorerWorker, WorkerSpec
 
 
-def init_local_ray(num_cpus: int | None = None, include_dashboard: bool = False, attempts: int = 3) -> None:
+def init_local_ray(num_cpus: int | None = None, include_dashboard: bool = False,
+                   attempts: int = 3) -> Callable[[], None]:
     """`ray.init(address="local", ...)`, retried: Ray gives its raylet a fixed 30 s to register,
-    which a heavily loaded machine can miss ("The current node timed out during startup")."""
+    which a heavily loaded machine can miss ("The current node timed out during startup").
+
+    Returns `shutdown`, which stops this Ray. A watchdog process (align/lifecycle.py) ends the
+    cluster's processes should this process die without calling it (SIGKILL, OOM)."""
     import logging
     import time
 
     import ray
 
+    from align.lifecycle import watch_ray_session
+
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
-                     logging_level=logging.WARNING)
-            return
+            context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+                               logging_level=logging.WARNING)
+            break
         except Exception as err:  # Ray raises a bare Exception for this
             if "timed out during startup" not in str(err) or attempt == attempts:
                 raise
             ray.shutdown()
             time.sleep(2.0)
+    watchdog = watch_ray_session(context.address_info["session_dir"])
+
+    def shutdown() -> None:
+        ray.shutdown()
+        watchdog.release()
+
+    return shutdown
 
 
 class WorkerDiedError(RuntimeError):

@@ -15,11 +15,9 @@ def local_ray(num_cpus: int = 2) -> Iterator[str]:
 
     from align.workers.group import init_local_ray
 
-    started = not ray.is_initialized()
-    if started:
-        init_local_ray(num_cpus=num_cpus, include_dashboard=False)
+    shutdown = None if ray.is_initialized() else init_local_ray(num_cpus=num_cpus, include_dashboard=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
-        if started:
-            ray.shutdown()
+        if shutdown is not None:
+            shutdown()
