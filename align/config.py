@@ -133,6 +133,9 @@ class TrainerConfig:
     resume: `auto` (continue from the newest checkpoint in output_dir if any), `never`, or a path.
     precision: `fp32`, or `bf16-mixed` (bf16 compute under autocast over fp32 master weights and
         fp32 optimizer state; align/engine). `model.dtype` is the weights' storage.
+    optimizer: `adamw` (decay on >= 2-D weights only), or `sgd` (plain SGD at `lr`: a step is lr x
+        the gradient, which tests that compare gradients through the weights rely on; Adam's
+        first step is nearly lr x sign(g), blind to the gradient's scale).
     """
 
     max_steps: int = 100
@@ -154,11 +157,13 @@ class TrainerConfig:
     num_threads: int = 0
     progress: bool = True
     precision: str = "fp32"
+    optimizer: str = "adamw"
 
     def __post_init__(self):
         from align.engine import PRECISIONS
 
         _one_of("trainer.precision", self.precision, PRECISIONS)
+        _one_of("trainer.optimizer", self.optimizer, ("adamw", "sgd"))
         _positive("trainer.max_steps", self.max_steps)
         _positive("trainer.batch_size", self.batch_size)
         _positive("trainer.grad_accum", self.grad_accum)

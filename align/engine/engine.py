@@ -39,15 +39,15 @@ PRECISIONS = ("fp32", "bf16-mixed")
 class TrainEngine:
     """The optimisation side of one model replica.
 
-    precision: one of PRECISIONS. device: where the model runs (`cpu`, `cuda`, `cuda:1`, ...).
-    world_size: data-parallel replicas in the default process group (1: no reduction).
+    precision: one of PRECISIONS. device: where the model's parameters are (its type picks the
+    autocast backend). world_size: data-parallel replicas in the default process group (1: none).
     """
 
     def __init__(self, precision: str = "fp32", device: str | torch.device = "cpu", world_size: int = 1):
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision: {precision!r} is not one of {list(PRECISIONS)}")
         self.precision = precision
-        self.device_type = torch.device(device).type if str(device) != "auto" else "cpu"
+        self.device_type = torch.device(device).type
         self.world_size = world_size
 
     # ---- set-up ------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ def set_threads(num_threads: int) -> None:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[tuple[str, torch.nn.Parameter]],
-                    cfg: TrainerConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay skips biases and norm weights (1-D tensors), as is usual for LMs."""
+                    cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """`cfg.optimizer`: AdamW, whose weight decay skips biases and norm weights (1-D tensors), as
+    is usual for LMs; or plain SGD at `cfg.lr`."""
     named = list(params)
     if named and not isinstance(named[0], tuple):
         named = [(str(i), p) for i, p in enumerate(named)]
@@ -40,6 +41,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[tuple[str, t
     decay = [p for _, p in named if p.ndim >= 2]
     no_decay = [p for _, p in named if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
 
 

@@ -40,6 +40,7 @@ import torch
 
 from align.config import DataConfig, DPOConfig, RunConfig
 from align.core import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, kto_reference_point, masked_mean
+from align.engine import TrainEngine
 from align.lifecycle import save_or_stop
 from align.trainers.checkpoint import Checkpointer
 from align.trainers.common import (
@@ -439,6 +440,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     model, tokenizer = build_policy(cfg.model)
     model.train()
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
+    engine = TrainEngine(tcfg.precision, device)  # every forward below runs in its compute precision
+    engine.prepare(model)
 
     # 3. Data: pairs (or unpaired KTO examples), split deterministically, tokenized.
     data = load_preference_data(cfg.data, algo, tokenizer, cfg.seed)
@@ -447,7 +450,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
 
     # 4. The reference, before any update (and before a checkpoint is loaded): precomputed once
     #    or read from the disk cache, or a per-batch reference; none for reference-free losses.
-    reference, ref_note = prepare_reference(model, [data.train, val_items], cfg, tokenizer)
+    with engine.autocast():
+        reference, ref_note = prepare_reference(model, [data.train, val_items], cfg, tokenizer)
     objective = PreferenceObjective(algo, reference)
 
     # 5. Optimizer, schedule, and resume from the newest checkpoint when there is one.
@@ -468,26 +472,26 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         log.write(f"resumed from {resume_from} at step {start}")
         val_before, val_after = state["val_before"], state["val_after"]
     else:
-        val_before = val_after = evaluate(model, objective, val_items, pad_id, algo.reference_batch_size)
+        with engine.autocast():
+            val_before = val_after = evaluate(model, objective, val_items, pad_id, algo.reference_batch_size)
         log.log(0, _prefixed("val", val_before))
 
     # 6. The loop: micro-batches -> loss share -> backward; clip, step; evaluate, checkpoint.
     for step in range(start + 1, tcfg.max_steps + 1):
         t0 = time.perf_counter()
         micro = [collate([data.train[i] for i in order.next()], pad_id, device) for _ in range(tcfg.grad_accum)]
-        loss, stats = step_loss(objective, model, micro)
+        with engine.autocast():
+            loss, stats = step_loss(objective, model, micro)
         if not math.isfinite(loss):
             raise FloatingPointError(f"dpo: loss is {loss} at step {step}; last checkpoint kept in {ckpt.root}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm or float("inf"))
-        optimizer.step()
+        grad_norm = engine.step([p for p in model.parameters() if p.requires_grad], optimizer, tcfg.max_grad_norm)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         metrics = {"loss": loss, **stats, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                    "samples_per_s": tcfg.batch_size * tcfg.grad_accum / seconds, "epoch": order.epoch}
         if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
-            val_after = evaluate(model, objective, val_items, pad_id, algo.reference_batch_size)
+            with engine.autocast():
+                val_after = evaluate(model, objective, val_items, pad_id, algo.reference_batch_size)
             metrics.update(_prefixed("val", val_after))
         log.log(step, metrics, advance=1)
         save_or_stop(step, tcfg, lambda: ckpt.save(

@@ -26,6 +26,7 @@ i.e. `model.load_role("reward", <out>/reward)`) and `reward_model/` (an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -36,6 +37,7 @@ import torch
 
 from align.config import DataConfig, ModelConfig, RMConfig, RunConfig
 from align.core import bradley_terry_loss
+from align.engine import TrainEngine
 from align.lifecycle import save_or_stop
 from align.trainers.checkpoint import Checkpointer
 from align.trainers.common import (
@@ -195,20 +197,22 @@ def collate(items: list[dict], pad_id: int, device: torch.device) -> RMBatch:
 # ------------------------------------------------------------------------------------ the loss
 
 
-def pair_scores(model, batch: RMBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) scores of the chosen and of the rejected responses, from one (2B, T) forward."""
-    scores = model.scores(batch.input_ids, batch.attention_mask)  # (2B,)
+def pair_scores(model, batch: RMBatch, engine: TrainEngine | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) fp32 scores of the chosen and of the rejected responses, from one (2B, T) forward in
+    the engine's compute precision."""
+    with engine.autocast() if engine is not None else contextlib.nullcontext():
+        scores = model.scores(batch.input_ids, batch.attention_mask).float()  # (2B,)
     return scores[: batch.num_pairs], scores[batch.num_pairs :]
 
 
-def step_loss(model, micro: list[RMBatch]) -> tuple[float, dict]:
+def step_loss(model, micro: list[RMBatch], engine: TrainEngine | None = None) -> tuple[float, dict]:
     """Forward and backward every micro-batch of one optimizer step; returns the step's loss
     (the mean over all its pairs) and its statistics (pair-weighted means over the step)."""
     n_pairs = sum(b.num_pairs for b in micro)
     total, stats = 0.0, {}
     for batch in micro:
         share = batch.num_pairs / n_pairs
-        loss, micro_stats = bradley_terry_loss(*pair_scores(model, batch), batch.margin)
+        loss, micro_stats = bradley_terry_loss(*pair_scores(model, batch, engine), batch.margin)
         (loss * share).backward()
         total += float(loss.detach()) * share
         for k, v in micro_stats.items():
@@ -217,7 +221,7 @@ def step_loss(model, micro: list[RMBatch]) -> tuple[float, dict]:
 
 
 @torch.no_grad()
-def evaluate(model, items: list[dict], pad_id: int, batch_size: int) -> dict:
+def evaluate(model, items: list[dict], pad_id: int, batch_size: int, engine: TrainEngine | None = None) -> dict:
     """Held-out loss, accuracy, chosen/rejected score means and margin, over all `items` at
     once (not batch means), plus the mean and std of every score (what PPO's rewards look like)."""
     if not items:
@@ -228,7 +232,7 @@ def evaluate(model, items: list[dict], pad_id: int, batch_size: int) -> dict:
     chosen, rejected, margins = [], [], []
     for i in range(0, len(items), batch_size):
         batch = collate(items[i : i + batch_size], pad_id, device)
-        c, r = pair_scores(model, batch)
+        c, r = pair_scores(model, batch, engine)
         chosen.append(c)
         rejected.append(r)
         if batch.margin is not None:
@@ -260,6 +264,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 2. The reward role: a LoRA adapter + score head on the frozen base, or a full model + head.
     model, tokenizer = build_reward_model(cfg.model)
     model.train()
+    engine = TrainEngine(tcfg.precision, next(model.parameters()).device)
+    engine.prepare(model)
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
 
     # 3. Data: pairs (with their margins), split deterministically, tokenized.
@@ -286,7 +292,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         log.write(f"resumed from {resume_from} at step {start}")
         val_before = state["val_before"]
     else:
-        val_before = evaluate(model, val_items, pad_id, tcfg.batch_size)
+        val_before = evaluate(model, val_items, pad_id, tcfg.batch_size, engine)
         log.log(0, _prefixed("val", val_before))
 
     # 5. The loop: micro-batches -> scores -> Bradley-Terry share -> backward; clip, step; evaluate, checkpoint.
@@ -294,19 +300,16 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     for step in range(start + 1, tcfg.max_steps + 1):
         t0 = time.perf_counter()
         micro = [collate([data.train[i] for i in order.next()], pad_id, device) for _ in range(tcfg.grad_accum)]
-        loss, stats = step_loss(model, micro)
+        loss, stats = step_loss(model, micro, engine)
         if not math.isfinite(loss):
             raise FloatingPointError(f"rm: loss is {loss} at step {step}; last checkpoint kept in {ckpt.root}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters("reward"),
-                                                   tcfg.max_grad_norm or float("inf"))
-        optimizer.step()
+        grad_norm = engine.step(model.trainable_parameters("reward"), optimizer, tcfg.max_grad_norm)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         metrics = {"loss": loss, **stats, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                    "pairs_per_s": tcfg.batch_size * tcfg.grad_accum / seconds, "epoch": order.epoch}
         if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
-            val_after = evaluate(model, val_items, pad_id, tcfg.batch_size)
+            val_after = evaluate(model, val_items, pad_id, tcfg.batch_size, engine)
             metrics.update(_prefixed("val", val_after))
         log.log(step, metrics, advance=1)
         save_or_stop(step, tcfg, lambda: ckpt.save(

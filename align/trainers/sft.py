@@ -10,6 +10,7 @@ micro-batch, so 2 x 4 accumulation gives the same gradient as 1 x 8.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -19,6 +20,7 @@ import torch
 
 from align.config import RunConfig
 from align.core import logprobs_from_logits, masked_sum
+from align.engine import TrainEngine
 from align.lifecycle import save_or_stop
 from align.trainers.checkpoint import Checkpointer
 from align.trainers.common import (
@@ -77,13 +79,14 @@ def sft_loss(nll: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[SFTBatch]) -> float:
-    """Mean NLL per response token over the validation batches."""
+def evaluate(model: torch.nn.Module, batches: list[SFTBatch], engine: TrainEngine | None = None) -> float:
+    """Mean NLL per response token over the validation batches (in the engine's compute precision)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        nll, mask = token_nll(model, batch)
+        with engine.autocast() if engine is not None else contextlib.nullcontext():
+            nll, mask = token_nll(model, batch)
         total += float(nll.sum())
         count += int(mask.sum())
     model.train(was_training)
@@ -101,6 +104,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 2. Model and tokenizer: full fine-tuning, or a LoRA adapter over a frozen base.
     model, tokenizer = build_policy(cfg.model)
     model.train()
+    engine = TrainEngine(tcfg.precision, next(model.parameters()).device)
+    engine.prepare(model)
 
     # 3. Data: read, split deterministically, tokenize with the prompt masked.
     data = load_sft_data(cfg.data, tokenizer)
@@ -130,7 +135,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         log.write(f"resumed from {resume_from} at step {start}")
         val_before = state["val_loss_before"]
     else:
-        val_before = evaluate(model, val_batches)
+        val_before = evaluate(model, val_batches, engine)
         log.log(0, {"val_loss": val_before})
 
     # 5. The loop: accumulate micro-batches, clip, step; evaluate and checkpoint periodically.
@@ -143,18 +148,15 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         )
         step_loss = 0.0
         for batch in micro:
-            nll, mask = token_nll(model, batch)
+            with engine.autocast():
+                nll, mask = token_nll(model, batch)
             loss = sft_loss(nll, mask, algo.loss_agg, normaliser)
             loss.backward()
             step_loss += float(loss.detach())
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"sft: loss is {step_loss} at step {step}; last checkpoint kept in {ckpt.root}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm or float("inf")
-        )
-        optimizer.step()
+        grad_norm = engine.step([p for p in model.parameters() if p.requires_grad], optimizer, tcfg.max_grad_norm)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         metrics = {
             "loss": step_loss,
@@ -164,7 +166,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             "epoch": order.epoch,
         }
         if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
-            val_loss = evaluate(model, val_batches)
+            val_loss = evaluate(model, val_batches, engine)
             metrics["val_loss"] = val_loss
         log.log(step, metrics, advance=1)
         save_or_stop(step, tcfg, lambda: ckpt.save(

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from align.config import ModelConfig, RolloutConfig, TrainerConfig
+from align.engine import TrainEngine
 from align.models.scorer import reward_model_kind
 from align.trainers.checkpoint import rng_state, set_rng_state
 from align.workers.batch import Experience, _pad_to, from_rollout
@@ -131,6 +132,9 @@ class ModelWorker:
         seed_everything(spec.seed)
         self.model, self.tokenizer = build_role_model(spec)
         self.device = next(self.model.parameters()).device  # batches arrive on the CPU
+        # Precision, the replicas' gradient sum, clipping and the step (align/engine).
+        self.train_engine = TrainEngine(spec.trainer.precision, self.device, world_size)
+        self.train_engine.prepare(self.model)
         # A reward model with a base of its own (reward.model_path a classifier, not a reward role).
         self.scorer = build_scorer(spec)
         self.engine, self.rollout_model = None, None
@@ -219,12 +223,15 @@ class ModelWorker:
         try:
             for part in batch.split(self.spec.forward_batch_size) if len(batch) else []:
                 part = part.trim().to(self.device)
-                res = {role: self.model.response_log_probs(part.prompt_ids, part.prompt_mask, part.response_ids,
-                                                           part.response_mask, role=role, temperature=self.temperature)
-                       for role in policies}
-                if others:
-                    res.update({role: value[:, part.response_slice] if role == "critic" else value for role, value in
-                                self.model.multi_role_forward(part.input_ids, part.attention_mask, roles=others).items()})
+                with self.train_engine.autocast():  # the training forward's precision
+                    res = {role: self.model.response_log_probs(part.prompt_ids, part.prompt_mask, part.response_ids,
+                                                               part.response_mask, role=role,
+                                                               temperature=self.temperature)
+                           for role in policies}
+                    if others:
+                        res.update({role: value[:, part.response_slice] if role == "critic" else value
+                                    for role, value in self.model.multi_role_forward(
+                                        part.input_ids, part.attention_mask, roles=others).items()})
                 for role, value in res.items():
                     if role != "reward":
                         value = _pad_to(value.float(), R, left=False)
@@ -253,8 +260,9 @@ class ModelWorker:
         extra = {"dual_clip": loss.dual_clip} if loss.policy_loss == "ppo" else {}
 
         def micro_loss(mb: Experience, normaliser: float):
-            out = self.model.response_log_probs(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask,
-                                                temperature=self.temperature, entropy=loss.entropy_coef > 0)
+            with self.train_engine.autocast():
+                out = self.model.response_log_probs(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask,
+                                                    temperature=self.temperature, entropy=loss.entropy_coef > 0)
             logp, entropy = out if loss.entropy_coef > 0 else (out, None)
             # No recomputed old log-probs: the update is on-policy (one step per iteration), so the
             # live log-probs are pi_old (ratio 1).
@@ -288,7 +296,8 @@ class ModelWorker:
         from align.core import ppo_value_loss
 
         def micro_loss(mb: Experience, normaliser: float):
-            values = self.model.values(mb.input_ids, mb.attention_mask)[:, mb.response_slice]
+            with self.train_engine.autocast():
+                values = self.model.values(mb.input_ids, mb.attention_mask)[:, mb.response_slice].float()
             vf_loss, stats = ppo_value_loss(values, mb.values, mb.returns, mb.response_mask, loss.value_clip,
                                             loss.agg, normaliser)
             return loss.vf_coef * vf_loss, {"vf_loss": vf_loss.detach()}, stats
@@ -314,30 +323,11 @@ class ModelWorker:
                 for k, v in {"loss": loss.detach(), **parts}.items():
                     step[k] = step.get(k, 0.0) + float(v)
                 stats.add(means, weight=micro.num_response_tokens)
-            self._all_reduce_grads(params)
-            max_norm = self.spec.trainer.max_grad_norm or float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            optimizer.step()
-            stats.add_step({**step, "grad_norm": float(grad_norm)})
+            grad_norm = self.train_engine.step(params, optimizer, self.spec.trainer.max_grad_norm)
+            stats.add_step({**step, "grad_norm": grad_norm})
         scheduler.step()  # one schedule step per iteration: trainer.max_steps spans the run
         optimizer.zero_grad(set_to_none=True)
         return {**stats.state(), "lr": scheduler.get_last_lr()[0]}
-
-    def _all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum the gradients over the replicas: each replica's loss is its share of the global
-        minibatch loss, so the sum is the whole minibatch's gradient. One flat buffer, one call."""
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
 
     # ---- state ---------------------------------------------------------------------------------
     def trainable_state(self, role: str) -> list[Tensor]:
