@@ -131,6 +131,12 @@ class TrainerConfig:
 
     batch_size is the micro-batch; one optimizer step sees batch_size * grad_accum examples.
     resume: `auto` (continue from the newest checkpoint in output_dir if any), `never`, or a path.
+    loggers: where metrics go besides metrics.jsonl (always written): any of `tensorboard`, `wandb`,
+        `mlflow`, `trackio` (align/trainers/trackers.py; each but TensorBoard an optional extra).
+        A resumed run continues the same tracker run (ids kept in `<output_dir>/tracking.json`).
+    run_name, project, group, tags: the tracker run's name (null: the output directory's name),
+        project (W&B project, MLflow experiment, trackio project), group (W&B group; the pipeline
+        groups its stages under its own name) and tags.
     """
 
     max_steps: int = 100
@@ -151,8 +157,16 @@ class TrainerConfig:
     resume: str = "auto"
     num_threads: int = 0
     progress: bool = True
+    loggers: Tuple[str, ...] = ("jsonl", "tensorboard")
+    run_name: Optional[str] = None
+    project: str = "align"
+    group: Optional[str] = None
+    tags: Tuple[str, ...] = ()
 
     def __post_init__(self):
+        from align.trainers.trackers import check_loggers
+
+        check_loggers(self.loggers)
         _positive("trainer.max_steps", self.max_steps)
         _positive("trainer.batch_size", self.batch_size)
         _positive("trainer.grad_accum", self.grad_accum)
