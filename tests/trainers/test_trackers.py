@@ -132,7 +132,8 @@ def test_trackio_reads_back_equal_metrics_jsonl_and_a_resumed_run_continues_it(t
     logged: dict[str, dict[int, float]] = {}
     for row in SQLiteStorage.get_logs("align-tests", name):
         for key, value in row.items():
-            if key not in ("step", "timestamp") and not key.startswith("_") and isinstance(value, float):
+            if key not in ("step", "timestamp") and isinstance(value, float):
+                key = key.removeprefix("__")  # trackio stores its reserved key `time` as `__time`
                 logged.setdefault(key, {})[row["step"]] = value
     assert logged == _expected(out)
 
@@ -144,8 +145,7 @@ def test_tensorboard_alone_is_the_default_and_records_the_config(tmp_path):
 
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("loss")] == pytest.approx(
-        sorted(_expected(out)["loss"].items()))
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(_expected(out)["loss"])  # float32
     assert "config/text_summary" in events.Tags()["tensors"]
     assert compose([])[0].trainer.loggers == ["jsonl", "tensorboard"]
 
