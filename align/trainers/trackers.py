@@ -105,7 +105,8 @@ class TensorBoardTracker(Tracker):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run.output_dir / "tb"), purge_step=run.start_step + 1 if run.resumed else None)
-        self.writer.add_text("config", "```\n" + json.dumps(run.config, indent=1, default=str) + "\n```", run.start_step)
+        shown = json.dumps(run.config, indent=1, default=str)
+        self.writer.add_text("config", f"```\n{shown}\n```", run.start_step)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():
@@ -182,7 +183,8 @@ class MlflowTracker(Tracker):
             return
         experiment = self.client.get_experiment_by_name(run.project)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(run.project)
-        tags = {"mlflow.source.git.commit": str(run.config.get("git_commit", "unknown")), **{t: "true" for t in run.tags}}
+        tags = {"mlflow.source.git.commit": str(run.config.get("git_commit", "unknown"))}
+        tags.update({t: "true" for t in run.tags})
         tags.update({k: v for k, v in (("group", run.group), ("job_type", run.job_type)) if v})
         self.run_id = self.client.create_run(experiment_id, run_name=run.name, tags=tags).info.run_id
         from mlflow.entities import Param

@@ -155,3 +155,16 @@ def test_loggers_are_checked_at_start_up():
         compose(["trainer.loggers=[jsonl,wandbb]"])
     check_loggers(["jsonl"])
     assert mlflow_key("eval/pass@4") == "eval/pass_at_4"
+
+
+def test_pipeline_stages_log_where_the_pipeline_does_grouped_under_its_name(tmp_path):
+    from align.pipeline import _stage_overrides
+
+    cfg, _ = compose(["algo=pipeline", "trainer.loggers=[jsonl,wandb]", "trainer.project='my \\'proj'",
+                      "trainer.tags=[a,b c]"])
+    stage, _ = compose(_stage_overrides(cfg, "sft", tmp_path / "pipe-1", {}))
+    assert (stage.algo.name, stage.output_dir) == ("sft", str(tmp_path / "pipe-1" / "sft"))
+    assert stage.trainer.loggers == ["jsonl", "wandb"] and stage.trainer.project == "my 'proj"
+    assert stage.trainer.group == "pipe-1" and stage.trainer.tags == ["a", "b c"]
+    named, _ = compose(["algo=pipeline", "trainer.run_name=nightly"])
+    assert compose(_stage_overrides(named, "rm", tmp_path, {}))[0].trainer.group == "nightly"
