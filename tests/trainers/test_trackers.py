@@ -119,7 +119,9 @@ def test_wandb_and_mlflow_read_back_equal_metrics_jsonl_and_a_resumed_run_contin
 
 @pytest.mark.slow
 def test_trackio_reads_back_equal_metrics_jsonl_and_a_resumed_run_continues_it(tmp_path, offline):
-    pytest.importorskip("trackio")
+    trackio = pytest.importorskip("trackio")
+    # trackio reads TRACKIO_DIR once, on import: this test must be the first to import it
+    assert trackio.utils.TRACKIO_DIR == tmp_path / "trackio"
     out = tmp_path / "run"
     _sft(out, "[jsonl,trackio]", max_steps=3)
     first = json.loads((out / "tracking.json").read_text())
