@@ -9,11 +9,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
 from align.trainers.trackers import RunInfo, git_commit, open_trackers
+
+if TYPE_CHECKING:
+    from align.config import TrainerConfig
 
 
 def _plain(value):
@@ -34,7 +37,7 @@ class RunLogger:
 
     def __init__(self, output_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
                  progress: bool = True, desc: str = "train", headline: tuple[str, ...] = ("loss",),
-                 trainer=None):
+                 trainer: TrainerConfig | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
@@ -51,7 +54,7 @@ class RunLogger:
                              dynamic_ncols=True, file=sys.stderr)
         self._t0 = time.time()
 
-    def _run_info(self, trainer, desc: str, start_step: int) -> RunInfo:
+    def _run_info(self, trainer: TrainerConfig | None, desc: str, start_step: int) -> RunInfo:
         config_file = self.dir / "config.json"
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
         config["git_commit"] = git_commit()

@@ -46,11 +46,16 @@ def check_loggers(loggers) -> None:
             raise ConfigError(f"trainer.loggers: {name!r} needs the {need[0]} package: pip install 'align[{need[1]}]'")
 
 
-def git_commit(path: str | os.PathLike | None = None) -> str:
-    """`git rev-parse HEAD` of the checkout holding the code (or `path`), "unknown" outside one."""
-    where = Path(path) if path is not None else Path(__file__).resolve().parent
+def git_commit(checkout: str | os.PathLike | None = None) -> str:
+    """`git rev-parse HEAD` of the checkout holding this code (or `checkout`); "unknown" when it
+    is not a git checkout (an installed package), or git is missing."""
+    from align.config import REPO_ROOT
+
+    root = Path(checkout) if checkout is not None else REPO_ROOT
+    if not (root / ".git").exists():  # a directory, or a file in a worktree
+        return "unknown"
     try:
-        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"

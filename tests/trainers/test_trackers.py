@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -150,6 +151,13 @@ def test_tensorboard_alone_is_the_default_and_records_the_config(tmp_path):
     assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(_expected(out)["loss"])  # float32
     assert "config/text_summary" in events.Tags()["tensors"]
     assert compose([])[0].trainer.loggers == ["jsonl", "tensorboard"]
+
+
+def test_git_commit_is_the_checkouts_head_or_unknown(tmp_path):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    assert git_commit() == head
+    assert git_commit(tmp_path) == "unknown"  # not a checkout (as for an installed package)
 
 
 def test_loggers_are_checked_at_start_up():
