@@ -136,6 +136,12 @@ class TrainerConfig:
     optimizer: `adamw` (decay on >= 2-D weights only), or `sgd` (plain SGD at `lr`: a step is lr x
         the gradient, which tests that compare gradients through the weights rely on; Adam's
         first step is nearly lr x sign(g), blind to the gradient's scale).
+    loggers: where metrics go besides metrics.jsonl (always written): any of `tensorboard`, `wandb`,
+        `mlflow`, `trackio` (align/trainers/trackers.py; each but TensorBoard an optional extra).
+        A resumed run continues the same tracker run (ids kept in `<output_dir>/tracking.json`).
+    run_name, project, group, tags: the tracker run's name (null: the output directory's name),
+        project (W&B project, MLflow experiment, trackio project), group (W&B group; the pipeline
+        groups its stages under its own name) and tags.
     """
 
     max_steps: int = 100
@@ -158,12 +164,19 @@ class TrainerConfig:
     progress: bool = True
     precision: str = "fp32"
     optimizer: str = "adamw"
+    loggers: Tuple[str, ...] = ("jsonl", "tensorboard")
+    run_name: Optional[str] = None
+    project: str = "align"
+    group: Optional[str] = None
+    tags: Tuple[str, ...] = ()
 
     def __post_init__(self):
         from align.engine import PRECISIONS
+        from align.trainers.trackers import check_loggers
 
         _one_of("trainer.precision", self.precision, PRECISIONS)
         _one_of("trainer.optimizer", self.optimizer, ("adamw", "sgd"))
+        check_loggers(self.loggers)
         _positive("trainer.max_steps", self.max_steps)
         _positive("trainer.batch_size", self.batch_size)
         _positive("trainer.grad_accum", self.grad_accum)

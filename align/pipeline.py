@@ -35,10 +35,20 @@ from align.trainers.metrics import read_metrics
 STAGES = ("sft", "rm", "dpo", "grpo", "quantize", "serve")
 
 
+def _tracking_overrides(trainer, out: Path) -> list[str]:
+    """Every stage logs where the pipeline does, as one W&B group (the pipeline's run name)."""
+    def quoted(text: str) -> str:
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    return [f"trainer.loggers=[{','.join(trainer.loggers)}]", f"trainer.project={quoted(trainer.project)}",
+            f"trainer.group={quoted(trainer.group or trainer.run_name or out.resolve().name)}",
+            f"trainer.tags=[{','.join(quoted(t) for t in trainer.tags)}]"]
+
+
 def _stage_overrides(cfg, stage: str, out: Path, products: dict[str, str]) -> list[str]:
     """The Hydra overrides of one stage: its own, plus the folder it starts from."""
     algo = cfg.algo
-    extra = [f"algo={stage}", f"output_dir={out / stage}", f"seed={cfg.seed}"]
+    extra = [f"algo={stage}", f"output_dir={out / stage}", f"seed={cfg.seed}", *_tracking_overrides(cfg.trainer, out)]
     if stage in ("rm", "dpo") and "sft" in products:
         extra.append(f"model.name_or_path={products['sft']}")
     if stage == "quantize":

@@ -466,7 +466,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         start = state["step"]
         order.load_state_dict(state["data"])
     log = RunLogger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress, desc=f"dpo/{algo.loss}",
-                    headline=("loss", "rewards/accuracy", "val/rewards/accuracy", "samples_per_s"))
+                    headline=("loss", "rewards/accuracy", "val/rewards/accuracy", "samples_per_s"),
+                    trainer=tcfg)
     log.write(f"data: {data.stats_line}; train {len(data.train)} items, val {len(val_items)}; reference: {ref_note}")
     if resume_from is not None:
         log.write(f"resumed from {resume_from} at step {start}")

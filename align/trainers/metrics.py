@@ -1,4 +1,5 @@
-"""What a run shows and keeps: a progress bar with rates, metrics.jsonl and TensorBoard."""
+"""What a run shows and keeps: a progress bar with rates, metrics.jsonl, and the trackers named
+by `trainer.loggers` (TensorBoard, W&B, MLflow, trackio: align/trainers/trackers.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
+
+from align.trainers.trackers import RunInfo, git_commit, open_trackers
+
+if TYPE_CHECKING:
+    from align.config import TrainerConfig
 
 
 def _plain(value):
@@ -20,23 +26,25 @@ def _plain(value):
 
 
 class RunLogger:
-    """Appends one JSON line per logged step to `metrics.jsonl`, mirrors scalars to TensorBoard
-    (`tb/`) and keeps a tqdm progress bar showing steps/s and the headline metrics.
+    """Appends one JSON line per logged step to `metrics.jsonl`, sends the finite scalars to the
+    trackers of `trainer.loggers` (TensorBoard in `tb/` when no trainer config is given) and
+    keeps a tqdm progress bar showing steps/s and the headline metrics.
 
     On resume from step S, lines past S (written after the checkpoint, before the crash) are
-    dropped, so the file reads as one uninterrupted run.
+    dropped, so the file reads as one uninterrupted run; the trackers reattach to their runs.
+    The trackers get the resolved config the trainer wrote (config.json) and the git commit.
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
-                 progress: bool = True, desc: str = "train", headline: tuple[str, ...] = ("loss",)):
+                 progress: bool = True, desc: str = "train", headline: tuple[str, ...] = ("loss",),
+                 trainer: TrainerConfig | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self._truncate_after(start_step)
         self._file = open(self.path, "a", buffering=1)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self._trackers = open_trackers(trainer.loggers if trainer else ("jsonl", "tensorboard"),
+                                       self._run_info(trainer, desc, start_step))
         self.headline = headline
         self._bar = None
         if progress:
@@ -45,6 +53,15 @@ class RunLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                              dynamic_ncols=True, file=sys.stderr)
         self._t0 = time.time()
+
+    def _run_info(self, trainer: TrainerConfig | None, desc: str, start_step: int) -> RunInfo:
+        config_file = self.dir / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        config["git_commit"] = git_commit()
+        return RunInfo(self.dir, name=(trainer and trainer.run_name) or self.dir.resolve().name,
+                       project=trainer.project if trainer else "align", group=trainer and trainer.group,
+                       job_type=desc, tags=tuple(trainer.tags) if trainer else (), config=config,
+                       start_step=start_step)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -62,9 +79,9 @@ class RunLogger:
         row = {"step": step, "time": round(time.time() - self._t0, 3)}
         row.update({k: _plain(v) for k, v in metrics.items()})
         self._file.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if k != "step" and isinstance(v, float) and math.isfinite(v):
-                self._tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, float) and math.isfinite(v)}
+        for tracker in self._trackers:
+            tracker.log(step, scalars)
         if self._bar is not None:
             if advance:
                 self._bar.update(advance)
@@ -82,8 +99,8 @@ class RunLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        self._tb.flush()
-        self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
         self._file.close()
 
 

@@ -154,7 +154,8 @@ class RLRun:
             self.state = self._load(resume)
             self.start_step = int(self.state["step"])
         self.log = RunLogger(self.out, total_steps=self.tcfg.max_steps, start_step=self.start_step,
-                             progress=self.tcfg.progress, desc=self.algo.name, headline=tuple(headline))
+                             progress=self.tcfg.progress, desc=self.algo.name, headline=tuple(headline),
+                             trainer=self.tcfg)
         if resume is not None:
             self.log.write(f"resumed from {resume} at step {self.start_step}")
         self.times: dict[str, float] = {}

@@ -285,7 +285,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         start = state["step"]
         order.load_state_dict(state["data"])
     log = RunLogger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress, desc="rm",
-                    headline=("loss", "accuracy", "val/accuracy", "pairs_per_s"))
+                    headline=("loss", "accuracy", "val/accuracy", "pairs_per_s"), trainer=tcfg)
     log.write(f"data: {data.stats_line}; train {len(data.train)} pairs, val {len(val_items)}; "
               f"model: {cfg.model.finetune}, margin: {algo.margin}")
     if resume_from is not None:

@@ -129,7 +129,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         start = state["step"]
         order.load_state_dict(state["data"])
     log = RunLogger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress,
-                    desc="sft", headline=("loss", "val_loss", "tokens_per_s"))
+                    desc="sft", headline=("loss", "val_loss", "tokens_per_s"), trainer=tcfg)
     log.write(data.stats_line)
     if resume_from is not None:
         log.write(f"resumed from {resume_from} at step {start}")
