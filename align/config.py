@@ -254,7 +254,8 @@ class ClusterConfig:
     placement: str = "colocated"
     num_replicas: int = 1
     num_cpus_per_worker: float = 1.0
-    num_gpus_per_worker: float = 0.0
+    # null: 1 GPU per worker when model.device is cuda (or auto and the Ray cluster has GPUs), else 0
+    num_gpus_per_worker: Optional[float] = None
     # RL runs (align/workers): CPUs of the in-process cluster (null: all), the dashboard (off:
     # nothing listens beyond Ray's own ports), seconds to wait for workers to start.
     num_cpus: Optional[int] = None
@@ -264,6 +265,8 @@ class ClusterConfig:
     def __post_init__(self):
         _one_of("cluster.placement", self.placement, ("colocated", "split"))
         _positive("cluster.num_replicas", self.num_replicas)
+        if self.num_gpus_per_worker is not None:
+            _positive("cluster.num_gpus_per_worker", self.num_gpus_per_worker, allow_zero=True)
 
 
 # ---------------------------------------------------------------------------------- algorithms

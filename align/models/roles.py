@@ -219,11 +219,16 @@ class RoleModel(nn.Module):
     def _token_logprobs(self, role: str, hidden, input_ids, temperature: float, entropy: bool = False):
         """(B, T-1) log p(x_{t+1} | x_{<=t}) from (B, T, H) hidden states, and with `entropy` also
         (B, T-1) the entropy of each next-token distribution; call inside `_activate(role)`."""
+        from align.core.linear_logprobs import linear_logprobs
         from align.core.logprobs import entropy_from_logits, logprobs_from_logits
 
         lm = self._causal_lm(role)
-        logits = lm.get_output_embeddings()(hidden[:, :-1])  # (B, T-1, V)
+        head = lm.get_output_embeddings()
         softcap = getattr(lm.config, "final_logit_softcapping", None)
+        if type(head) is nn.Linear and head.bias is None and not softcap:
+            # the LM head inside the log-prob function, chunk by chunk: no (B, T-1, V) logits kept for backward
+            return linear_logprobs(hidden[:, :-1], head.weight, input_ids[:, 1:], temperature, entropy)
+        logits = head(hidden[:, :-1])  # (B, T-1, V): a head with a bias, a LoRA layer or a softcap
         if softcap:  # Gemma-2 style: applied inside the causal LM's forward, so repeat it here
             logits = torch.tanh(logits / softcap) * softcap
         if temperature != 1.0:

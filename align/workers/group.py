@@ -213,14 +213,38 @@ class Placement:
             g.kill()
 
 
+def gpus_per_worker(cluster, model, ray_gpus: float) -> float:
+    """GPUs each worker asks Ray for. Ray hides every GPU from an actor that asks for none
+    (CUDA_VISIBLE_DEVICES is emptied), so a CUDA model must ask: `cluster.num_gpus_per_worker`
+    when set, else 1 when `model.device` is cuda, or auto with GPUs in the cluster (`ray_gpus`,
+    Ray's GPU resource), else 0. A CUDA model on a cluster without GPUs, or with 0 GPUs per worker,
+    is refused here rather than silently run on the CPU."""
+    from align.config import ConfigError
+
+    wants_cuda = str(model.device).startswith("cuda")
+    if wants_cuda and ray_gpus <= 0:
+        raise ConfigError(f"model.device={model.device}: the Ray cluster shows no GPUs (its GPU resource is "
+                          f"{ray_gpus:g}); start Ray on GPU nodes, or set model.device=cpu")
+    gpus = cluster.num_gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if wants_cuda or (model.device == "auto" and ray_gpus > 0) else 0.0
+    if wants_cuda and gpus <= 0:
+        raise ConfigError(f"cluster.num_gpus_per_worker={gpus:g} with model.device={model.device}: Ray would hide "
+                          "every GPU from the workers; leave it null (1 per worker) or give a fraction > 0")
+    return float(gpus)
+
+
 def build_placement(spec: WorkerSpec, roles: Sequence[str], cluster, run_id: str) -> Placement:
     """Worker groups for `roles` under `cluster.placement` (colocated or split)."""
     from dataclasses import replace
 
+    import ray
+
     from align.models.scorer import reward_model_kind
 
+    num_gpus = gpus_per_worker(cluster, spec.model, float(ray.cluster_resources().get("GPU", 0)))
     kw = dict(num_replicas=cluster.num_replicas, num_cpus=cluster.num_cpus_per_worker,
-              num_gpus=cluster.num_gpus_per_worker, run_id=run_id, start_timeout_s=cluster.worker_start_timeout_s)
+              num_gpus=num_gpus, run_id=run_id, start_timeout_s=cluster.worker_start_timeout_s)
     if cluster.placement == "colocated":
         group = WorkerGroup("model", replace(spec, roles=tuple(roles)), **kw)
         return Placement({role: group for role in (*roles, "reward")})

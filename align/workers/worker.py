@@ -130,6 +130,9 @@ class ModelWorker:
         self.spec, self.name, self.rank, self.world_size = spec, name, rank, world_size
         torch.set_num_threads(max(1, spec.num_threads))
         seed_everything(spec.seed)
+        if str(spec.model.device).startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"model.device={spec.model.device} but this worker sees no GPU "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): did it ask Ray for one?")
         self.model, self.tokenizer = build_role_model(spec)
         self.device = next(self.model.parameters()).device  # batches arrive on the CPU
         # Precision, the replicas' gradient sum, clipping and the step (align/engine).

@@ -400,6 +400,6 @@ def test_shared_prompt_log_probs_equal_the_whole_sequence_pass(model, role, G):
     torch.testing.assert_close(entropy.detach()[real], plain_entropy[real], atol=2e-5, rtol=0)
     assert float(entropy[real].min()) > 0
     for a, b in zip(shared_grads, plain_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4)
     if role == "actor":
         assert shared_grads and max(float(g.abs().max()) for g in shared_grads) > 1e-4
