@@ -135,7 +135,7 @@ def load_causal_lm(
         extra["quantization_config"] = quantization_config(quantization, dtype)
         extra.setdefault("device_map", {"": str(target)})  # quantized weights cannot be moved by .to()
         try:
-            return AutoModelForCausalLM.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **extra
             )
         except (RuntimeError, NotImplementedError) as err:
@@ -143,10 +143,25 @@ def load_causal_lm(
                 f"loading {path} with quantization={quantization!r} on {target} failed: {err}. "
                 "bitsandbytes 4-bit needs CUDA, or CPU with bitsandbytes >= 0.46; use quantization=None"
             ) from err
+        return _cpu_4bit_inference_fix(model)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **extra
     )
     return model.to(target)
+
+
+def _cpu_4bit_inference_fix(model):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its CPU kernel at the first
+    no-grad forward, which needs the output width a multiple of 32 and the input width one of the
+    quantization block: stories260K's 172-wide MLP fails there ("N must be divisible by block_n",
+    then a reshape error). Such layers keep the unpacked path, which serves any width."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if getattr(module, "support_avx512bf16_for_cpu", False) and getattr(weight, "quant_state", None) is not None:
+            out_width, in_width = weight.quant_state.shape
+            if out_width % 32 or in_width % weight.quant_state.blocksize:
+                module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def load_model_and_tokenizer(path: str, *, dtype="float32", device="cpu", trust_remote_code=False, **kw):
