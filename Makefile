@@ -27,6 +27,7 @@ demo: $(STAMP)
 # banner saying what to install, unless every vLLM test ran and passed (a set-up that cannot reach PyPI, no
 # test collected or any test skipped all fail). Offline, `.venv/bin/python -m pytest` runs the main suite alone.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); main=$$?; \
 	bash scripts/test_vllm.sh; vllm=$$?; \
 	echo "make test: main suite exit $$main, vLLM suite exit $$vllm"; \

@@ -20,7 +20,6 @@ and `summary.json` into the output directory.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time

@@ -282,7 +282,7 @@ def generation_speed(models: dict[str, Any], tokenizer, prompts: Sequence[str], 
     kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                   pad_token_id=tokenizer.pad_token_id)
     times: dict[str, list[float]] = {name: [] for name in models}
-    for name, model in models.items():  # warm-up: first-call allocations and kernel selection
+    for model in models.values():  # warm-up: first-call allocations and kernel selection
         model.eval().generate(**enc.to(model.device), **dict(kwargs, max_new_tokens=2, min_new_tokens=2))
     for _ in range(rounds):
         for name, model in models.items():

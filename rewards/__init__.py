@@ -9,11 +9,10 @@ Built-in names: composite, math, format, length, story, remote. Importing this p
 only the standard library (sympy is imported lazily by the math reward, when installed).
 """
 
-from rewards.base import REWARDS, CompositeReward, RewardFn, get_reward, register_reward, score_with_components
-
 # Imported for their registrations.
 from rewards import math as _math  # noqa: E402,F401
-from rewards import rules as _rules  # noqa: E402,F401
 from rewards import remote as _remote  # noqa: E402,F401
+from rewards import rules as _rules  # noqa: E402,F401
+from rewards.base import REWARDS, CompositeReward, RewardFn, get_reward, register_reward, score_with_components
 
 __all__ = ["REWARDS", "CompositeReward", "RewardFn", "get_reward", "register_reward", "score_with_components"]

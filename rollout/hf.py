@@ -228,7 +228,7 @@ class HFEngine:
         lengths = torch.zeros(B, dtype=torch.long, device=device)
         tokens, logprobs = [], []  # each step: (B,)
         texts_ids: list[list[int]] = [[] for _ in range(B)]  # only filled when stop strings are set
-        for step in range(int(budget.max())):
+        for _ in range(int(budget.max())):
             processed = _processed_logits(logits, params)  # (B, V): what the token is drawn from
             token = processed.argmax(-1) if params.greedy else _sample_categorical(processed.softmax(-1), generator)
             token = token.masked_fill(done, self.pad_token_id)

@@ -45,12 +45,11 @@ def _rss_bytes(field: str) -> int:
 
 
 def worker(layout: str, args) -> dict:
+    import peft  # noqa: F401  (imports done before the baseline is read)
     import torch
+    import transformers  # noqa: F401
 
     from align.models import MultiHeadModel, RoleConfig, SeparateModels, build_tiny_llama
-
-    import peft  # noqa: F401  (imports done before the baseline is read)
-    import transformers  # noqa: F401
 
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")

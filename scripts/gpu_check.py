@@ -160,10 +160,10 @@ def main(argv=None) -> int:
         args.throughput_prompts, args.throughput_tokens, args.lora_rank = 16, 16, 8
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the JSON
 
+    import vllm
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import vllm
     from rollout import HFEngine, SamplingParams
     from rollout.vllm_engine import VLLMEngine
 
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
         run("sleep", sleep)
         run("throughput", throughput)
         engine.close()
-        del engine
+        engine = None  # free it before the RL worker builds its own
         run("rl_worker", lambda: rl_worker_check(model_path, dtype, device, prompts))
     except Exception as e:  # noqa: BLE001 - set-up failed: still print the summary
         traceback.print_exc()

@@ -15,7 +15,9 @@ def test_default_composes_to_typed_frozen_config():
     assert cfg.model.name_or_path.endswith("models/stories260K")
     # the algo's trainer defaults (configs/trainer/sft.yaml) won over the plain default
     assert cfg.trainer.max_steps == 120 != TrainerConfig().max_steps
-    with pytest.raises(Exception):
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):
         cfg.trainer.lr = 1.0  # frozen after start-up
 
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _session import kill_session, session_pids
+
 from align.config import REPO_ROOT, TrainerConfig
 from align.lifecycle import RunStopped, save_or_stop, stop_on_signals
 

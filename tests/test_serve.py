@@ -34,7 +34,6 @@ from pathlib import Path
 
 import openai  # a dev dependency; ray[serve] brings fastapi and uvicorn (no skip: missing is a failure)
 import pytest
-
 from _session import kill_session, session_pids
 
 ROOT = Path(__file__).resolve().parents[1]

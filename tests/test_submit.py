@@ -34,7 +34,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from _session import kill_session
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -495,7 +495,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
                 val_after = evaluate(model, objective, val_items, pad_id, algo.reference_batch_size)
             metrics.update(_prefixed("val", val_after))
         log.log(step, metrics, advance=1)
-        save_or_stop(step, tcfg, lambda: ckpt.save(
+        save_or_stop(step, tcfg, lambda step=step, val_after=val_after: ckpt.save(
             step, model=model, optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
             trainer_state={"data": order.state_dict(), "val_before": val_before, "val_after": val_after}), log)
     log.close()

@@ -312,7 +312,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             val_after = evaluate(model, val_items, pad_id, tcfg.batch_size, engine)
             metrics.update(_prefixed("val", val_after))
         log.log(step, metrics, advance=1)
-        save_or_stop(step, tcfg, lambda: ckpt.save(
+        save_or_stop(step, tcfg, lambda step=step: ckpt.save(
             step, model=model, optimizers={"reward": optimizer}, schedulers={"reward": scheduler},
             trainer_state={"data": order.state_dict(), "val_before": val_before}), log)
     log.close()

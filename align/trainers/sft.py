@@ -169,7 +169,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             val_loss = evaluate(model, val_batches, engine)
             metrics["val_loss"] = val_loss
         log.log(step, metrics, advance=1)
-        save_or_stop(step, tcfg, lambda: ckpt.save(
+        save_or_stop(step, tcfg, lambda step=step: ckpt.save(
             step, model=model, optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
             trainer_state={"data": order.state_dict(), "val_loss_before": val_before}), log)
     log.close()

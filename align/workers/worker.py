@@ -422,7 +422,7 @@ class ModelWorker:
             import warnings
 
             warnings.warn(f"{self.name} rank {self.rank}: {plain} not found; its RNG starts from the seed, so LoRA "
-                          "dropout will not match the uninterrupted run")
+                          "dropout will not match the uninterrupted run", stacklevel=2)
 
     def shutdown(self) -> None:
         import torch.distributed as dist

@@ -7,7 +7,6 @@ import torch
 
 from align.core import POLICY_LOSSES, gae_advantages, ppo_policy_loss, ppo_value_loss, token_rewards
 
-
 # ---------------------------------------------------------------- token rewards
 
 

@@ -14,9 +14,9 @@ from align.models import (
     load_causal_lm,
     load_model_and_tokenizer,
     load_tokenizer,
+    loading,
     resolve_dtype,
 )
-from align.models import loading
 
 
 def test_a_local_folder_loads_the_stored_weights(stories_path):

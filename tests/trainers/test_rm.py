@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from _resume import check_sigkill_resume
+
 from align.config import ConfigError, compose
 from align.trainers import run
 from align.trainers.metrics import read_metrics

@@ -1,13 +1,11 @@
 """SFT end to end on the shipped stories260K and HH-RLHF: learning, gradient accumulation,
 outputs on disk, and exact resume after SIGKILL."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -88,8 +86,8 @@ def test_grad_accumulation_2x4_equals_1x8(tmp_path, one_thread):
 
 
 def _initial_weights():
-    from align.models.loading import load_causal_lm
     from align.config import shared_data_dir
+    from align.models.loading import load_causal_lm
 
     model = load_causal_lm(f"{shared_data_dir()}/models/stories260K")
     return {n: p.detach() for n, p in model.named_parameters()}

@@ -14,11 +14,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_data_parallel import make_batch  # tests/workers is on sys.path (pytest's rootdir insertion)
 
 from align.config import ModelConfig, RolloutConfig, TrainerConfig
 from align.core import grpo_kl_loss, ppo_policy_loss, ppo_value_loss, rollout_correction
 from align.workers.worker import ActorLoss, CriticLoss, ModelWorker, WorkerSpec, combine_stats
-from test_data_parallel import make_batch  # tests/workers is on sys.path (pytest's rootdir insertion)
 
 ROLES = ("actor", "critic")
 TEMPERATURE = 0.7

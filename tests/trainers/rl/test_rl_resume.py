@@ -10,8 +10,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from _resume import check_sigkill_resume
+
 from align.config import compose
 
 # Tiny runs with LoRA dropout on, so every step's dropout masks depend on each worker's RNG.
