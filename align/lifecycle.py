@@ -211,10 +211,12 @@ def _watch(session_dir: str, owner: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     released = sys.stdin.buffer.read() == b"released\n"  # blocks until end-of-file
     ended = end_session(session_dir)
+    why = "after its Ray shut down" if released else "which died without shutting its Ray down"
     if ended:
         names = ", ".join(f"{name} ({pid})" for pid, name in ended)
-        why = "after its Ray shut down" if released else "which died without shutting its Ray down"
         _say(f"ended {len(ended)} processes of {session_dir} left by pid {owner}, {why}: {names}")
+    elif not released:  # a dead owner is always reported, even when its Ray went down by itself
+        _say(f"nothing of {session_dir} was left by pid {owner}, {why}")
 
 
 if __name__ == "__main__":

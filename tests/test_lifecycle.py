@@ -136,7 +136,12 @@ def test_a_sigkilled_grpo_driver_leaves_no_process_of_its_ray(tmp_path):
         proc.wait()
         left = _wait_until_gone(proc.pid, ORPHAN_BOUND_S)
         assert not left, f"left {ORPHAN_BOUND_S} s after the driver's SIGKILL: {_names(left)}"
-        assert "which died without shutting its Ray down" in log.read_text()  # the watchdog says what it ended
+        # the watchdog says what it ended, once its SIGTERM/SIGKILL rounds are over (the processes may
+        # be gone a moment before it writes)
+        deadline = time.monotonic() + 20
+        while "which died without shutting its Ray down" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "which died without shutting its Ray down" in log.read_text()
     finally:
         kill_session(proc.pid)
 
