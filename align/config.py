@@ -306,8 +306,9 @@ class DPOConfig(AlgoConfig):
     desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U.
     unpair: KTO on paired data: each pair becomes one desirable (chosen) and one undesirable
         (rejected) example. Without it, `loss=kto` needs `data.format=kto`.
-    precompute_reference: reference log-probs computed once before training (adapters off with
-        LoRA, the initial weights with full fine-tuning) instead of a reference forward per step.
+    precompute_reference: reference log-probs computed once before training, for the training
+        items the run's `max_steps` visits and the held-out items (adapters off with LoRA, the
+        initial weights with full fine-tuning), instead of a reference forward per step.
     reference_cache: keep precomputed reference log-probs on disk, keyed by data, model and
         tokenisation, and reuse them in later runs.
     reference_cache_dir: where; empty = $ALIGN_CACHE_DIR/reference or ~/.cache/align/reference.

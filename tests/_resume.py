@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from align.config import REPO_ROOT
 
 # Wall times and rates: the only metrics that may differ between two runs of the same command.
-WALL_TIME = re.compile(r"^time$|^time/|_per_s$")
+WALL_TIME = re.compile(r"^time$|^time/|^time_to_first_step$|_per_s$")
 
 
 def read_rows(out: Path) -> dict[int, dict]:

@@ -11,9 +11,10 @@ optimizer step:
    log pi(y|x) of both sides: each prompt runs once, then the 2B chosen and rejected responses
    in one forward over its cached keys and values (`align/trainers/logps.py`; with
    `algo.share_prompt=false`, one forward over 2B prompt + response rows);
-2. reads the reference log-probs log pi_ref(y|x), precomputed once before training (adapters
-   off with LoRA, the initial weights with full fine-tuning; cached on disk, see
-   `align/trainers/reference.py`) or computed per batch; reference-free losses skip them;
+2. reads the reference log-probs log pi_ref(y|x), precomputed before training for exactly the
+   items the run's `max_steps` will visit and the held-out ones (adapters off with LoRA, the
+   initial weights with full fine-tuning; cached on disk, see `align/trainers/reference.py`) or
+   computed per batch; reference-free losses skip them;
 3. calls the loss, scaled to its share of the step, so the step's loss is the mean over all of
    its pairs (and ORPO's NLL the mean over all of its chosen tokens): 2 x 4 accumulation gives
    the gradient of 1 x 8;
@@ -32,6 +33,7 @@ import copy
 import inspect
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +150,21 @@ def item_sequences(item: dict) -> list[tuple[list[int], list[int]]]:
     return [(item["prompt_ids"], item["completion_ids"]), (item["prompt_ids"], item["kl_completion_ids"])]
 
 
+def visited_items(order: EpochBatches, micro_batches: int) -> list[int]:
+    """The training items that `micro_batches` batches of `order` visit, each once, in the order
+    of their first visit: the run's deterministic batch order replayed from step 1 (on resume
+    too, so a resumed run asks for the same references as the first: the same cache entry, the
+    same numbers)."""
+    replay = copy.deepcopy(order)
+    replay.load_state_dict({"epoch": 0, "cursor": 0})
+    seen: dict[int, None] = {}
+    for _ in range(micro_batches):
+        if len(seen) == order.n:
+            break
+        seen.update(dict.fromkeys(replay.next()))
+    return list(seen)
+
+
 def precompute_reference(model, objective: "PreferenceObjective", groups: list[list[dict]], cfg: RunConfig,
                          tokenizer) -> bool:
     """Store the reference log-probs of every item's sequences in the item (`ref`: a pair
@@ -155,15 +172,24 @@ def precompute_reference(model, objective: "PreferenceObjective", groups: list[l
 
     Each group (training, held-out) is run in the chunks of `algo.reference_batch_size` items
     that `evaluate` uses, through the same forward, so at step 0 the policy's held-out
-    log-probs equal the reference's exactly (implicit rewards 0, not rounding noise).
+    log-probs equal the reference's exactly (implicit rewards 0, not rounding noise). A pass
+    over more than a few chunks shows a progress bar (`trainer.progress`).
     """
+    from tqdm.auto import tqdm
+
     algo, device = cfg.algo, next(model.parameters()).device
     size, pad = algo.reference_batch_size, tokenizer.pad_token_id
     items = [x for group in groups for x in group]
 
     def compute(m):
-        return torch.cat([objective.logps(m, collate(g[i : i + size], pad, device))[0]
-                          for g in groups for i in range(0, len(g), size)])
+        chunks = [g[i : i + size] for g in groups for i in range(0, len(g), size)]
+        with tqdm(total=len(items), desc="reference log-probs", unit="item", file=sys.stderr, dynamic_ncols=True,
+                  disable=not cfg.trainer.progress or len(chunks) <= 4) as bar:
+            out = []
+            for chunk in chunks:
+                out.append(objective.logps(m, collate(chunk, pad, device))[0])
+                bar.update(len(chunk))
+        return torch.cat(out)
 
     layout = f"share_prompt={algo.share_prompt} chunks={size} groups={[len(g) for g in groups]}"
     cache_dir = (algo.reference_cache_dir or default_cache_dir()) if algo.reference_cache else None
@@ -360,8 +386,16 @@ def step_loss(objective: PreferenceObjective, model, micro: list) -> tuple[float
 
 
 def prepare_reference(model, groups: list[list[dict]], cfg: RunConfig, tokenizer) -> tuple[OnlineReference | None, str]:
-    """Precompute the reference log-probs into the items (`algo.precompute_reference`), or make
-    the per-batch reference; neither for a reference-free loss. Returns it and a note for the log."""
+    """Precompute the reference log-probs into the items of `groups` (`algo.precompute_reference`),
+    or make the per-batch reference; neither for a reference-free loss. Returns it and a note for
+    the log.
+
+    `train` passes the training items the run will visit and the held-out items, not the whole
+    training set: a short run (a smoke test, `max_steps=3`) pays for the pairs it uses only.
+    Precomputing them (rather than computing each batch's as the run reaches it) keeps memory
+    flat with full fine-tuning, whose reference is the initial weights: computed before the
+    first update, it needs no frozen copy of the model; and LoRA takes the same path.
+    """
     algo = cfg.algo
     if algo.loss in REFERENCE_FREE_LOSSES:
         return None, "none (reference-free loss)"
@@ -369,7 +403,8 @@ def prepare_reference(model, groups: list[list[dict]], cfg: RunConfig, tokenizer
         return OnlineReference(model, lora=cfg.model.finetune == "lora"), "computed per batch"
     t0 = time.perf_counter()
     hit = precompute_reference(model, PreferenceObjective(algo, None), groups, cfg, tokenizer)
-    return None, f"{'read from cache' if hit else 'precomputed'} in {time.perf_counter() - t0:.1f}s"
+    counts = " + ".join(str(len(g)) for g in groups)
+    return None, f"{'read from cache' if hit else 'precomputed'} for {counts} items in {time.perf_counter() - t0:.1f}s"
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -430,6 +465,7 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
 
 def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     """Run the configured preference loss; returns the summary (also written to summary.json)."""
+    started = time.perf_counter()
     tcfg, algo = cfg.trainer, cfg.algo
     # 1. Run directory, seed and threads.
     out = prepare_output_dir(cfg.output_dir, cfg, hydra_cfg)
@@ -448,10 +484,12 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     val_items = data.val[: tcfg.eval_batches * tcfg.batch_size]
     order = EpochBatches(len(data.train), tcfg.batch_size, seed=cfg.seed)
 
-    # 4. The reference, before any update (and before a checkpoint is loaded): precomputed once
-    #    or read from the disk cache, or a per-batch reference; none for reference-free losses.
+    # 4. The reference, before any update (and before a checkpoint is loaded): precomputed for the
+    #    training items steps 1..max_steps visit and the held-out items, or read from the disk
+    #    cache; or a per-batch reference; none for reference-free losses.
+    visited = [data.train[i] for i in visited_items(order, tcfg.max_steps * tcfg.grad_accum)]
     with engine.autocast():
-        reference, ref_note = prepare_reference(model, [data.train, val_items], cfg, tokenizer)
+        reference, ref_note = prepare_reference(model, [visited, val_items], cfg, tokenizer)
     objective = PreferenceObjective(algo, reference)
 
     # 5. Optimizer, schedule, and resume from the newest checkpoint when there is one.
@@ -467,7 +505,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         order.load_state_dict(state["data"])
     log = RunLogger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress, desc=f"dpo/{algo.loss}",
                     headline=("loss", "rewards/accuracy", "val/rewards/accuracy", "samples_per_s"),
-                    trainer=tcfg)
+                    trainer=tcfg, started=started)
     log.write(f"data: {data.stats_line}; train {len(data.train)} items, val {len(val_items)}; reference: {ref_note}")
     if resume_from is not None:
         log.write(f"resumed from {resume_from} at step {start}")
@@ -505,7 +543,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     tokenizer.save_pretrained(out / "final")
     summary = {"algo": "dpo", "loss": algo.loss, "steps": tcfg.max_steps, "val_before": val_before,
                "val_after": val_after, "train_items": len(data.train), "val_items": len(val_items),
-               "reference": ref_note, "data": data.stats, "output_dir": str(out)}
+               "reference": ref_note, "reference_items": sum("ref" in x for x in data.train + val_items),
+               "data": data.stats, "output_dir": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     acc = "rewards/accuracy"
     print(f"DPO ({algo.loss}) done: held-out accuracy {val_before.get(acc, float('nan')):.3f} -> "

@@ -30,6 +30,12 @@ class RunLogger:
     trackers of `trainer.loggers` (TensorBoard in `tb/` when no trainer config is given) and
     keeps a tqdm progress bar showing steps/s and the headline metrics.
 
+    `started` (time.perf_counter() at the start of the trainer's `train()`) adds
+    `time_to_first_step` to the first step this process logs: the seconds from the start to the end
+    of that step (its evaluation included when it has one), i.e. model and data loading, any
+    start-up pass (DPO's reference log-probs) and the step-0 evaluation. On resume it is the
+    first step after the checkpoint.
+
     On resume from step S, lines past S (written after the checkpoint, before the crash) are
     dropped, so the file reads as one uninterrupted run; the trackers reattach to their runs.
     The trackers get the resolved config the trainer wrote (config.json) and the git commit.
@@ -37,7 +43,7 @@ class RunLogger:
 
     def __init__(self, output_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
                  progress: bool = True, desc: str = "train", headline: tuple[str, ...] = ("loss",),
-                 trainer: TrainerConfig | None = None):
+                 trainer: TrainerConfig | None = None, started: float | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
@@ -53,6 +59,7 @@ class RunLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                              dynamic_ncols=True, file=sys.stderr)
         self._t0 = time.time()
+        self._started = started  # None once time_to_first_step is logged
 
     def _run_info(self, trainer: TrainerConfig | None, desc: str, start_step: int) -> RunInfo:
         config_file = self.dir / "config.json"
@@ -78,6 +85,9 @@ class RunLogger:
     def log(self, step: int, metrics: Mapping[str, object], *, advance: int = 0) -> None:
         row = {"step": step, "time": round(time.time() - self._t0, 3)}
         row.update({k: _plain(v) for k, v in metrics.items()})
+        if advance and self._started is not None:
+            row["time_to_first_step"] = round(time.perf_counter() - self._started, 3)
+            self._started = None
         self._file.write(json.dumps(row) + "\n")
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, float) and math.isfinite(v)}
         for tracker in self._trackers:

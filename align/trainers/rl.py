@@ -92,6 +92,8 @@ class RLRun:
 
         from align.models.loading import load_tokenizer
 
+        self.started = time.perf_counter()  # the run starts here: time_to_first_step counts from it
+
         # Local workers share this environment; on a cluster the driver (a CPU head node, say) may
         # lack vLLM where the GPU workers have it, and a worker without it fails naming itself.
         if cfg.rollout.backend == "vllm" and cfg.cluster.address == "local" and importlib.util.find_spec("vllm") is None:
@@ -155,7 +157,7 @@ class RLRun:
             self.start_step = int(self.state["step"])
         self.log = RunLogger(self.out, total_steps=self.tcfg.max_steps, start_step=self.start_step,
                              progress=self.tcfg.progress, desc=self.algo.name, headline=tuple(headline),
-                             trainer=self.tcfg)
+                             trainer=self.tcfg, started=self.started)
         if resume is not None:
             self.log.write(f"resumed from {resume} at step {self.start_step}")
         self.times: dict[str, float] = {}

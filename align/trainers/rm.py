@@ -254,6 +254,7 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
 
 def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     """Train the reward model as configured; returns the summary (also written to summary.json)."""
+    started = time.perf_counter()
     tcfg, algo = cfg.trainer, cfg.algo
     assert isinstance(algo, RMConfig)
     # 1. Run directory, seed and threads.
@@ -285,7 +286,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         start = state["step"]
         order.load_state_dict(state["data"])
     log = RunLogger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress, desc="rm",
-                    headline=("loss", "accuracy", "val/accuracy", "pairs_per_s"), trainer=tcfg)
+                    headline=("loss", "accuracy", "val/accuracy", "pairs_per_s"), trainer=tcfg, started=started)
     log.write(f"data: {data.stats_line}; train {len(data.train)} pairs, val {len(val_items)}; "
               f"model: {cfg.model.finetune}, margin: {algo.margin}")
     if resume_from is not None:

@@ -95,6 +95,7 @@ def evaluate(model: torch.nn.Module, batches: list[SFTBatch], engine: TrainEngin
 
 def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     """Run SFT as configured; returns the summary (also written to summary.json)."""
+    started = time.perf_counter()
     tcfg, algo = cfg.trainer, cfg.algo
     # 1. Run directory, seed and threads.
     out = prepare_output_dir(cfg.output_dir, cfg, hydra_cfg)
@@ -129,7 +130,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         start = state["step"]
         order.load_state_dict(state["data"])
     log = RunLogger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress,
-                    desc="sft", headline=("loss", "val_loss", "tokens_per_s"), trainer=tcfg)
+                    desc="sft", headline=("loss", "val_loss", "tokens_per_s"), trainer=tcfg, started=started)
     log.write(data.stats_line)
     if resume_from is not None:
         log.write(f"resumed from {resume_from} at step {start}")

@@ -427,6 +427,31 @@ def test_second_run_reads_the_reference_from_the_disk_cache(tmp_path):
     assert simpo["reference"].startswith("none")
 
 
+def test_a_short_run_computes_references_for_the_pairs_it_visits_only(tmp_path):
+    """max_steps=2 of 2 x 2 pairs computes (and caches) the reference log-probs of those 8 pairs
+    and the held-out ones, not of the whole training set; and its steps equal those of a run
+    that visits, so precomputes, every pair. One item per reference forward
+    (reference_batch_size=1), so an item's numbers do not depend on which others share its
+    forward; a constant schedule, so the first steps do not depend on max_steps. DPO and the
+    other stages log time_to_first_step on step 1."""
+    run = [*TINY, "trainer.batch_size=2", "trainer.grad_accum=2", "trainer.lr_scheduler=constant",
+           "trainer.eval_every=100", "algo.reference_batch_size=1"]
+    short = train(run_overrides(tmp_path / "short", tmp_path / "cache_short", *run, "trainer.max_steps=2"))
+    n, val = short["train_items"], short["val_items"]
+    assert n > 8 * 3 and val > 0
+    (cached,) = (tmp_path / "cache_short").glob("*.safetensors")
+    assert load_file(str(cached))["logps"].shape == (2 * (8 + val),)  # chosen and rejected of each item
+    assert short["reference_items"] == 8 + val
+
+    everything = train(run_overrides(tmp_path / "all", tmp_path / "cache_all", *run, f"trainer.max_steps={n // 4}"))
+    assert everything["reference_items"] == n // 4 * 4 + val
+    assert everything["val_before"] == short["val_before"]
+    a, b = read_metrics(tmp_path / "short"), read_metrics(tmp_path / "all")
+    keys = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"]
+    assert [[r[k] for k in keys] for r in a[1:3]] == [[r[k] for k in keys] for r in b[1:3]]
+    assert [r["step"] for r in a if "time_to_first_step" in r] == [1] and a[1]["time_to_first_step"] > 0
+
+
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
     """A run killed (SIGKILL) after a checkpoint and resumed with trainer.resume=auto ends with
     the same weights, bit for bit, and the same per-step metrics as a run never interrupted;
@@ -454,6 +479,6 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(killed)
     assert [r["step"] for r in resumed] == list(range(13))
-    drop = {"time", "samples_per_s"}
+    drop = {"time", "time_to_first_step", "samples_per_s"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
         [{k: v for k, v in r.items() if k not in drop} for r in straight]

@@ -59,6 +59,7 @@ def test_run_writes_metrics_checkpoint_role_and_classifier(lora_run):
     assert rows[0]["step"] == 0 and rows[0]["val/accuracy"] == pytest.approx(summary["val_before"]["accuracy"])
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if "val/accuracy" in r] == [0, 2, 4]
+    assert [r["step"] for r in rows if "time_to_first_step" in r] == [1] and rows[1]["time_to_first_step"] > 0
     for key in ("loss", "accuracy", "scores/chosen", "scores/rejected", "scores/margin", "grad_norm"):
         assert all(key in r for r in rows if r["step"] > 0), key
     for key in ("accuracy", "scores/chosen", "scores/rejected", "scores/margin", "loss", "scores/std"):

@@ -42,6 +42,9 @@ def test_sft_lowers_validation_loss_and_writes_run_outputs(tmp_path, one_thread)
     assert (tmp_path / "config.yaml").read_text().count("stories260K") >= 1
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 31))
+    # seconds from the start of train() to the end of step 1 (loading, step-0 evaluation), logged once
+    assert [r["step"] for r in rows if "time_to_first_step" in r] == [1]
+    assert rows[1]["time_to_first_step"] >= rows[1]["time"] > 0
     assert rows[0]["step"] == 0 and rows[0]["val_loss"] == pytest.approx(before)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / "checkpoints" / "step_30" / "trainable.safetensors").exists()

@@ -35,6 +35,7 @@ def test_grpo_raises_heldout_story_reward(ray_cluster, tmp_path):
     assert summary["eval_reward_after"] > summary["eval_reward_before"] + 0.2, summary
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(11))
+    assert [r["step"] for r in rows if "time_to_first_step" in r] == [1] and rows[1]["time_to_first_step"] > 0
     assert rows[0]["eval/reward"] == summary["eval_reward_before"]
     for r in rows[1:]:
         assert math.isfinite(r["actor/loss"]) and r["samples"] == 32
