@@ -104,6 +104,7 @@ RM = ["data.limit=96", "data.val_size=16", "data.max_length=96", "data.max_promp
       "data.max_response_length=32", "trainer.progress=false", "trainer.num_threads=1"]
 
 
+@pytest.mark.slow
 def test_reward_model_eval_agrees_with_the_rm_job_on_its_held_out_pairs(tmp_path):
     """The RM job's held-out accuracy, recomputed by algo=eval from its `reward/` role and from
     its `reward_model/` classifier on the same split: the same pairs, the same scores."""
