@@ -513,11 +513,14 @@ class RMConfig(AlgoConfig):
         pair), or the name of a data column holding each pair's margin (Llama 2 Eq. 2:
         -log sigmoid(s_w - s_l - m)).
     export: also write `reward_model/`, an `AutoModelForSequenceClassification` folder.
+    length_balance: train on length-balanced pairs (as many with the chosen response the shorter
+        as the longer; Singhal et al. 2023, arXiv:2310.03716), so "longer wins" teaches nothing.
     """
 
     name: str = "rm"
     margin: Any = None
     export: bool = True
+    length_balance: bool = False
 
     def __post_init__(self):
         m = self.margin
