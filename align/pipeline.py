@@ -215,7 +215,8 @@ def train(cfg, hydra_cfg=None) -> dict:
         evaluate = algo.eval_rl and stage in RL_STAGES
         if evaluate:  # the policy the RL stage starts from
             start = compose(overrides)[0].model.name_or_path
-            eval_before, seconds_before = run_stage("eval", _eval_overrides(cfg, stage, overrides, start, out, "before"))
+            eval_before, seconds_before = run_stage("eval",
+                                                    _eval_overrides(cfg, stage, overrides, start, out, "before"))
         summary, seconds = run_stage(stage, overrides)
         results[stage] = summary
         product = _product(stage, out / stage, summary)

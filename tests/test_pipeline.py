@@ -31,11 +31,14 @@ def test_pipeline_runs_every_stage_and_reports(tmp_path, capsys):
     assert [r["stage"] for r in summary["stages"]] == ["sft", "rm", "dpo", "grpo", "eval", "quantize", "serve"]
     # GRPO's policy evaluated before (the base it starts from) and after (its final/) on the same prompts,
     # sampling with GRPO's settings; GRPO's own held-out evaluation logs pass@1 beside the mean reward
-    evals = {when: json.loads((tmp_path / f"grpo_eval_{when}" / "summary.json").read_text()) for when in ("before", "after")}
+    evals = {when: json.loads((tmp_path / f"grpo_eval_{when}" / "summary.json").read_text())
+             for when in ("before", "after")}
     assert evals["before"]["model"].endswith("stories260K") and evals["after"]["model"] == str(tmp_path / "grpo" / "final")
     for e in evals.values():
-        assert e["prompts"] == 4 and e["n"] == 2 and e["response_length"]["max"] <= 16 and 0 <= e["pass@1"] <= e["pass@2"] <= 1
-    assert summary["stages"][4]["before"] == evals["before"]["mean@2"] and summary["stages"][4]["after"] == evals["after"]["mean@2"]
+        assert e["prompts"] == 4 and e["n"] == 2 and e["response_length"]["max"] <= 16
+        assert 0 <= e["pass@1"] <= e["pass@2"] <= 1
+    row = summary["stages"][4]
+    assert row["before"] == evals["before"]["mean@2"] and row["after"] == evals["after"]["mean@2"]
     grpo_rows = read_metrics(tmp_path / "grpo")
     for r in (grpo_rows[0], grpo_rows[-1]):
         assert r["eval/mean@1"] == pytest.approx(r["eval/reward"], abs=1e-6) and 0 <= r["eval/pass@1"] <= 1

@@ -45,7 +45,8 @@ def read_examples(cfg: RunConfig, stats) -> list:
                                  limit=d.limit, **kw)
         examples = val if cfg.algo.split == "val" else train
     if not examples:
-        raise ValueError(f"data.source {d.source}: nothing to evaluate (algo.split={cfg.algo.split}); {stats.summary()}")
+        raise ValueError(f"data.source {d.source}: nothing to evaluate (algo.split={cfg.algo.split}); "
+                         f"{stats.summary()}")
     return examples
 
 

@@ -131,9 +131,10 @@ def build_engine(cfg: RunConfig, path: str, stack: Any):
                     fast_decode=r.fast_decode), tokenizer
 
 
-def build_scorer(cfg: RunConfig, tokenizer) -> Callable[[list[dict], list], list[float]]:
+def build_scorer(cfg: RunConfig, tokenizer) -> tuple[Callable[[list[dict], list], list[float]], Any]:
     """(prompt items, samples) -> rewards: the rule reward (`reward.name`) plus `model_weight`
-    times the reward model's score (`reward.model_path`), as the RL drivers add them."""
+    times the reward model's score (`reward.model_path`), as the RL drivers add them; and the
+    rule reward itself (None without one)."""
     from rewards import get_reward
 
     rc = cfg.reward
@@ -170,8 +171,7 @@ def build_scorer(cfg: RunConfig, tokenizer) -> Callable[[list[dict], list], list
             total += rc.model_weight * model_score(items, samples)
         return total.tolist()
 
-    score.rule = rule
-    return score
+    return score, rule
 
 
 # ---------------------------------------------------------------------------------- the stage
@@ -190,8 +190,8 @@ def evaluate_policy(cfg: RunConfig, examples: list, path: str, stats) -> tuple[d
     with contextlib.ExitStack() as stack:
         engine, tokenizer = build_engine(cfg, path, stack)
         items = tokenize_prompts(examples, tokenizer, d.max_prompt_length, overlong=d.overlong, stats=stats)
-        score = build_scorer(cfg, tokenizer)
-        extract = answer_extractor(score.rule)
+        score, rule = build_scorer(cfg, tokenizer)
+        extract = answer_extractor(rule)
         common = dict(top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
         rows: list[dict] = []
         for b, start in enumerate(tqdm(range(0, len(items), algo.batch_size), desc="eval", unit="batch",
@@ -199,7 +199,8 @@ def evaluate_policy(cfg: RunConfig, examples: list, path: str, stats) -> tuple[d
             batch = items[start : start + algo.batch_size]
             prompts = [x["prompt_ids"] for x in batch]
             seed = (cfg.seed * 1_000_003 + b) % 2**31
-            sampled = engine.generate(prompts, SamplingParams(n=algo.n, temperature=algo.temperature, seed=seed, **common))
+            sampled = engine.generate(prompts, SamplingParams(n=algo.n, temperature=algo.temperature, seed=seed,
+                                                              **common))
             greedy = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, **common)) if algo.greedy else None
             sample_scores = score([x for x in batch for _ in range(algo.n)], sampled.samples)
             greedy_scores = score(batch, greedy.samples) if greedy else None
@@ -213,7 +214,8 @@ def evaluate_policy(cfg: RunConfig, examples: list, path: str, stats) -> tuple[d
     return summary, rows
 
 
-def _prompt_row(index: int, item: dict, samples: list, scores: list[float], algo, extract, greedy, greedy_score) -> dict:
+def _prompt_row(index: int, item: dict, samples: list, scores: list[float], algo, extract, greedy,
+                greedy_score) -> dict:
     """One eval.jsonl row: the prompt, its n responses with their rewards, answers and lengths."""
     correct = [s >= algo.threshold for s in scores]
     row = {"index": index, "prompt": item["prompt"], "ground_truth": item.get("ground_truth"), "n": algo.n,

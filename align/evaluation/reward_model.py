@@ -68,7 +68,10 @@ def load_pair_scorer(path: str, cfg: RunConfig) -> tuple[Callable[[torch.Tensor,
         ensure_pad_token(tokenizer, model)
         model.config.pad_token_id = tokenizer.pad_token_id
     device = next(model.parameters()).device
-    return (lambda ids, mask: model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu()), tokenizer
+    def score(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu()
+
+    return score, tokenizer
 
 
 def _text_length(text: Any) -> int:

@@ -163,7 +163,8 @@ class RLRun:
         if self.eval_before is None:
             t0 = time.perf_counter()
             self.eval_before = self.eval_after = self.evaluate()
-            self.log.log(0, {"eval/reward": self.eval_before, **self.eval_metrics, "time/eval": time.perf_counter() - t0})
+            self.log.log(0, {"eval/reward": self.eval_before, **self.eval_metrics,
+                             "time/eval": time.perf_counter() - t0})
         return self.eval_before
 
     # ---- the loop's frame -----------------------------------------------------------------------
