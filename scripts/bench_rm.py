@@ -19,6 +19,12 @@ through the shipped GPT-NeoX tokenizer, trained in full (its embeddings learn wh
 preferred answer); `stories260k` is the shipped pretrained model with a reward LoRA adapter
 (the layout PPO loads), whose 512-token vocabulary spells HH dialogues out in small pieces.
 Chance is 0.5; `chance_std` is the standard deviation of a coin's accuracy on the held-out pairs.
+
+Generalisation: the exported reward model is then evaluated with `algo=eval` on the first
+`--test-size` pairs of `--test-subset` (default helpful-online, never trained on), tokenized as in
+training; `test` reports its accuracy beside the "longer response wins" baseline on the same
+pairs, overall and by response length. Run from the project root with PYTHONPATH=. (or an
+installed align) so this checkout's code is the one imported.
 """
 
 from __future__ import annotations
