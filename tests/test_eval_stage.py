@@ -131,3 +131,10 @@ def test_reward_model_eval_agrees_with_the_rm_job_on_its_held_out_pairs(tmp_path
     longer = [r for r in rows if r["chosen_length"] > r["rejected_length"]]
     assert role["chosen_longer"]["pairs"] == len(longer)
     assert sum(b["pairs"] for b in role["by_length"]) == 16
+
+
+def test_pairs_refuse_a_causal_lm_as_reward_model(tmp_path):
+    """The default algo.model on pair data is the policy, a causal LM: named, not scored by a random head."""
+    cfg, raw = compose(["algo=eval", "data=hh_pairs", "data.limit=4", f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"algo.model .*LlamaForCausalLM"):
+        run(cfg, raw)

@@ -50,11 +50,15 @@ def load_pair_scorer(path: str, cfg: RunConfig) -> tuple[Callable[[torch.Tensor,
         model.eval()
         return (lambda ids, mask: model.scores(ids, mask).float()), tokenizer
 
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from align.models.loading import ensure_pad_token, load_tokenizer, resolve_device, resolve_dtype
 
     m = cfg.model
+    architectures = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code).architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"algo.model {path!r}: pair data evaluates a reward model (an RM job's reward_model/ or "
+                         f"reward/, or a sequence classifier); this is {architectures or 'no classifier'}")
     model = AutoModelForSequenceClassification.from_pretrained(
         path, dtype=resolve_dtype(m.dtype), trust_remote_code=m.trust_remote_code).to(resolve_device(m.device)).eval()
     if model.config.num_labels != 1:
