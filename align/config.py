@@ -385,7 +385,10 @@ class RLConfig(AlgoConfig):
         `token` or `sequence`; rollout_correction_cap: the cap C. The sampler/trainer mismatch
         (actor/mismatch_*) is logged whatever the mode.
     eval_prompts: held-out prompts evaluated at step 0 and every `trainer.eval_every` steps, with
-        `eval_samples` samples each at `eval_temperature` and a fixed seed.
+        `eval_samples` samples each at `eval_temperature` and a fixed seed (eval/reward).
+    eval_k: also log eval/pass@k (Chen et al. 2021 Eq. 1, a sample correct when its reward >=
+        `eval_threshold`), eval/mean@n and, with a math reward, eval/maj@k for each k <=
+        eval_samples, from the same samples (no extra generation); [] (default): off.
     forward_batch_size: rows per no-grad forward in the workers.
     """
 
@@ -407,6 +410,8 @@ class RLConfig(AlgoConfig):
     eval_prompts: int = 32
     eval_samples: int = 2
     eval_temperature: float = 1.0
+    eval_k: List[int] = field(default_factory=list)
+    eval_threshold: float = 1.0
     forward_batch_size: int = 64
 
     def __post_init__(self):
@@ -433,6 +438,9 @@ class RLConfig(AlgoConfig):
         _positive("algo.kl_coef", self.kl_coef, allow_zero=True)
         _positive("algo.entropy_coef", self.entropy_coef, allow_zero=True)
         _positive("algo.eval_temperature", self.eval_temperature, allow_zero=True)
+        if any(not isinstance(k, int) or not 1 <= k <= self.eval_samples for k in self.eval_k):
+            raise ConfigError(f"algo.eval_k: every k must be in [1, algo.eval_samples={self.eval_samples}], "
+                              f"got {list(self.eval_k)}")
         from align.core.offpolicy import CORRECTION_LEVELS, ROLLOUT_CORRECTIONS
         from align.core.ppo import POLICY_LOSSES
 
@@ -533,11 +541,14 @@ class RMConfig(AlgoConfig):
         pair), or the name of a data column holding each pair's margin (Llama 2 Eq. 2:
         -log sigmoid(s_w - s_l - m)).
     export: also write `reward_model/`, an `AutoModelForSequenceClassification` folder.
+    length_balance: train on length-balanced pairs (as many with the chosen response the shorter
+        as the longer; Singhal et al. 2023, arXiv:2310.03716), so "longer wins" teaches nothing.
     """
 
     name: str = "rm"
     margin: Any = None
     export: bool = True
+    length_balance: bool = False
 
     def __post_init__(self):
         m = self.margin
@@ -589,6 +600,50 @@ class QuantizeConfig(AlgoConfig):
 
 
 ALGO_SCHEMAS["quantize"] = QuantizeConfig
+
+
+@dataclass(frozen=True)
+class EvalConfig(AlgoConfig):
+    """Evaluation (align/evaluation): a policy on prompts, or a reward model on preference pairs.
+
+    model: what to evaluate; empty = `model.name_or_path`. A policy: a Hugging Face folder or
+        hub id (a base, a run's `final/`), a LoRA adapter folder (merged into its base), or an RL
+        checkpoint (`checkpoints/step_N`, the actor on `model.name_or_path`). A reward model
+        (pair data): an RM job's `reward_model/` or `reward/`, or any HF sequence classifier.
+    split: `all` rows of `data.source` (up to `data.limit`), or the `val` / `train` side of the
+        same deterministic split the trainers make (`data.val_size` / `val_fraction`, `data.seed`).
+    n: samples per prompt at `temperature` (seeded by `seed`); greedy: one greedy response too.
+    k: pass@k (Chen et al. 2021 Eq. 1) and maj@k (majority vote over extracted answers; a math
+        reward only) for each k <= n.
+    threshold: a sample is correct when its reward is >= threshold.
+    batch_size: prompts (or pairs) per batch. length_buckets: RM accuracy by response length.
+    """
+
+    name: str = "eval"
+    model: str = ""
+    split: str = "all"
+    n: int = 4
+    k: List[int] = field(default_factory=lambda: [1, 4])
+    temperature: float = 1.0
+    greedy: bool = True
+    threshold: float = 1.0
+    batch_size: int = 32
+    length_buckets: int = 4
+
+    def __post_init__(self):
+        _one_of("algo.split", self.split, ("all", "val", "train"))
+        for key in ("n", "batch_size", "length_buckets"):
+            _positive(f"algo.{key}", getattr(self, key))
+        _positive("algo.temperature", self.temperature, allow_zero=True)
+        if self.temperature == 0 and self.n > 1:
+            raise ConfigError(f"algo.temperature=0 is greedy: its {self.n} samples per prompt would be identical; "
+                              "set algo.n=1 or a temperature > 0")
+        bad = [k for k in self.k if not isinstance(k, int) or not 1 <= k <= self.n]
+        if bad:
+            raise ConfigError(f"algo.k: every k must be in [1, algo.n={self.n}], got {list(self.k)}")
+
+
+ALGO_SCHEMAS["eval"] = EvalConfig
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -778,12 +833,17 @@ class PipelineConfig(AlgoConfig):
         actor, serve answers one query from the quantized model.
     overrides: per stage, extra Hydra overrides (e.g. {grpo: [trainer.max_steps=20]}).
     serve_prompt: the query sent to the served model.
+    eval_rl: evaluate (algo=eval) the policy before and after each RL stage (grpo, ppo) on the
+        RL stage's held-out prompts with its reward, and print the change; `eval_overrides` are
+        the evaluations' extra Hydra overrides (e.g. [algo.n=8, "algo.k=[1,4,8]"]).
     """
 
     name: str = "pipeline"
     stages: List[str] = field(default_factory=lambda: ["sft", "rm", "dpo", "grpo", "quantize", "serve"])
     overrides: Dict[str, List[str]] = field(default_factory=dict)
     serve_prompt: str = "Once upon a time, there was a little"
+    eval_rl: bool = True
+    eval_overrides: List[str] = field(default_factory=list)
 
     def __post_init__(self):
         for stage in self.stages:

@@ -6,7 +6,8 @@
     2. rm        a reward LoRA adapter + score head on the SFT model, Bradley-Terry on HH pairs
     3. dpo       DPO from the SFT model on HH pairs (reference = adapters off)
     4. grpo      GRPO from stories260K with the story reward (the model writes stories: RL on
-                 HH-style dialogue would reward nothing it can do)
+                 HH-style dialogue would reward nothing it can do), evaluated (algo=eval) before
+                 and after on its held-out prompts: mean@n, pass@k, greedy
     5. quantize  the GRPO actor, merged into its base, quantized to int8 weight-only
     6. serve     the quantized model behind our OpenAI-compatible API on 127.0.0.1; one query
 
@@ -53,6 +54,19 @@ def _stage_overrides(cfg, stage: str, out: Path, products: dict[str, str]) -> li
     if stage == "quantize":
         extra.append(f"algo.input={products.get('grpo') or products.get('sft')}")
     return extra + list(algo.overrides.get(stage, []))
+
+
+RL_STAGES = ("grpo", "ppo")
+# Overrides of an RL stage that its evaluation shares: which data, model, reward and sampling.
+EVAL_SHARED = ("data", "model", "reward", "rollout", "+data", "+model", "+reward", "+rollout")
+
+
+def _eval_overrides(cfg, stage: str, rl_overrides: list[str], model: str, out: Path, when: str) -> list[str]:
+    """`algo=eval` of `model` on the RL stage's held-out prompts (`algo.split=val`, the RL
+    stage's own split), with its data, reward and sampling settings."""
+    shared = [o for o in rl_overrides if o.split("=", 1)[0].split(".", 1)[0] in EVAL_SHARED]
+    return ["algo=eval", *shared, f"output_dir={out / f'{stage}_eval_{when}'}", f"seed={cfg.seed}",
+            "algo.split=val", f"algo.model={model}", *cfg.algo.eval_overrides]
 
 
 def run_stage(stage: str, overrides: list[str]) -> tuple[dict[str, Any], float]:
@@ -118,6 +132,16 @@ HEADLINES = {
     "ppo": ("held-out story reward", "eval_reward_before", "eval_reward_after"),
     "quantize": ("held-out perplexity", "ppl_before", "ppl_after"),
 }
+
+
+def eval_row(stage: str, before: dict, after: dict, seconds: float) -> dict:
+    """The summary-table row of an RL stage's evaluations (mean@n), with every metric's change printed."""
+    metrics = [k for k in before if "@" in k] + ["greedy"] * ("greedy" in before)
+    print(f"eval before -> after {stage}: " + ", ".join(
+        f"{k} {before[k]:.4f} -> {after[k]:.4f} ({after[k] - before[k]:+.4f})" for k in metrics), flush=True)
+    mean = f"mean@{before['n']}"
+    return {"stage": "eval", "metric": f"{stage} held-out {mean}", "before": before[mean], "after": after[mean],
+            "seconds": seconds}
 
 
 def _lookup(summary: dict, path: str | None) -> Any:
@@ -196,13 +220,23 @@ def train(cfg, hydra_cfg=None) -> dict:
             rows.append({"stage": stage, "metric": "served query (s)",
                          "before": None, "after": reply["seconds"], "seconds": time.perf_counter() - t0})
             continue
-        summary, seconds = run_stage(stage, _stage_overrides(cfg, stage, out, products))
+        overrides = _stage_overrides(cfg, stage, out, products)
+        evaluate = algo.eval_rl and stage in RL_STAGES
+        if evaluate:  # the policy the RL stage starts from
+            start = compose(overrides)[0].model.name_or_path
+            eval_before, seconds_before = run_stage("eval",
+                                                    _eval_overrides(cfg, stage, overrides, start, out, "before"))
+        summary, seconds = run_stage(stage, overrides)
         results[stage] = summary
         product = _product(stage, out / stage, summary)
         if product:
             products[stage] = product
         label, before, after = headline(stage, summary)
         rows.append({"stage": stage, "metric": label, "before": before, "after": after, "seconds": seconds})
+        if evaluate:
+            eval_after, seconds_after = run_stage("eval", _eval_overrides(cfg, stage, overrides, product, out, "after"))
+            results[f"{stage}_eval"] = {"before": eval_before, "after": eval_after}
+            rows.append(eval_row(stage, eval_before, eval_after, seconds_before + seconds_after))
     plot = plot_curves(out, list(algo.stages))
     table = summary_table(rows)
     total = time.perf_counter() - t_start

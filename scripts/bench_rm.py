@@ -19,6 +19,12 @@ through the shipped GPT-NeoX tokenizer, trained in full (its embeddings learn wh
 preferred answer); `stories260k` is the shipped pretrained model with a reward LoRA adapter
 (the layout PPO loads), whose 512-token vocabulary spells HH dialogues out in small pieces.
 Chance is 0.5; `chance_std` is the standard deviation of a coin's accuracy on the held-out pairs.
+
+Generalisation: the exported reward model is then evaluated with `algo=eval` on the first
+`--test-size` pairs of `--test-subset` (default helpful-online, never trained on), tokenized as in
+training; `test` reports its accuracy beside the "longer response wins" baseline on the same
+pairs, overall and by response length. Run from the project root with PYTHONPATH=. (or an
+installed align) so this checkout's code is the one imported.
 """
 
 from __future__ import annotations
@@ -72,8 +78,20 @@ def overrides(args, model_dir: str | None, out: Path) -> list[str]:
         f"trainer.batch_size={args.batch_size}", f"trainer.lr={args.lr}", "trainer.warmup_steps=10",
         f"trainer.eval_batches={-(-args.val_size // args.batch_size)}", f"trainer.eval_every={args.eval_every or args.steps}",
         f"trainer.save_every={args.steps}", f"trainer.num_threads={args.threads}", "trainer.progress=false",
-        "trainer.resume=never", f"seed={args.seed}", f"output_dir={out}",
+        "trainer.resume=never", f"seed={args.seed}", f"output_dir={out}", *args.set,
     ]
+
+
+def eval_overrides(args, reward_model: str, out: Path) -> list[str]:
+    """`algo=eval` of the exported reward model on --test-subset, tokenized as in training."""
+    from align.config import shared_data_dir
+
+    pairs = os.path.join(shared_data_dir(), "hh-rlhf", f"{args.test_subset}_test.jsonl.gz")
+    return ["algo=eval", "data=hh_pairs", f"data.source={pairs}", "data.format=hh", "data.on_error=skip",
+            f"data.limit={args.test_size}", f"data.max_length={args.max_length}",
+            f"data.max_prompt_length={args.max_length - args.max_response_length}",
+            f"data.max_response_length={args.max_response_length}", f"algo.model={reward_model}",
+            "trainer.progress=false", f"trainer.num_threads={args.threads}", f"output_dir={out}"]
 
 
 def main() -> None:
@@ -87,8 +105,12 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-response-length", type=int, default=64)
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluations in between (0: only before and after)")
+    p.add_argument("--test-subset", choices=SUBSETS[1:] + ("none",), default="helpful-online",
+                   help="also evaluate (algo=eval) on pairs of this subset, never trained on unless it is --subset")
+    p.add_argument("--test-size", type=int, default=512, help="pairs of --test-subset evaluated (its first ones)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], help="an extra Hydra override of the RM run (repeatable)")
     p.add_argument("--output-dir", default=None, help="default: a temporary folder, removed afterwards")
     args = p.parse_args()
     args.lr = args.lr if args.lr is not None else (1e-3 if args.model == "tiny-neox" else 5e-3)
@@ -105,6 +127,9 @@ def main() -> None:
         t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         summary = run(cfg, raw)
         seconds, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        test = None
+        if args.test_subset != "none":
+            test = run(*compose(eval_overrides(args, summary["reward_model_path"], out / "eval")))
     before, after = summary["val_before"], summary["val_after"]
     n = summary["val_pairs"]
     result = {
@@ -115,6 +140,11 @@ def main() -> None:
         "held_out_loss_before": round(before["loss"], 4),
         "held_out_loss_after": round(after["loss"], 4),
         "held_out_margin_after": round(after["scores/margin"], 4),
+        "test": None if test is None else {
+            "subset": args.test_subset, "pairs": test["pairs"], "accuracy": round(test["accuracy"], 4),
+            "length_baseline": round(test["length_baseline"], 4), "chance_std": round(0.5 / test["pairs"] ** 0.5, 4),
+            "margin_mean": round(test["margin"]["mean"], 4),
+            "by_length": [[round(b["accuracy"], 3), round(b["length_baseline"], 3)] for b in test["by_length"]]},
         "steps": args.steps,
         "pairs_seen": args.steps * args.batch_size,
         "train_pairs": summary["train_pairs"],

@@ -12,6 +12,7 @@ TRAINERS = {
     "dpo": "align.trainers.dpo",
     "rm": "align.trainers.rm",
     "pipeline": "align.pipeline",
+    "eval": "align.evaluation",
 }
 
 

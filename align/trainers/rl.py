@@ -170,7 +170,8 @@ class RLRun:
         if self.eval_before is None:
             t0 = time.perf_counter()
             self.eval_before = self.eval_after = self.evaluate()
-            self.log.log(0, {"eval/reward": self.eval_before, "time/eval": time.perf_counter() - t0})
+            self.log.log(0, {"eval/reward": self.eval_before, **self.eval_metrics,
+                             "time/eval": time.perf_counter() - t0})
         return self.eval_before
 
     # ---- the loop's frame -----------------------------------------------------------------------
@@ -273,13 +274,25 @@ class RLRun:
     # ---- 8: evaluation, metrics, checkpoints -----------------------------------------------------
     def evaluate(self) -> float:
         """Mean reward on the held-out prompts: `eval_samples` each, fixed seed (so step 0 and
-        later evaluations see the same sampling noise), rule + model reward."""
+        later evaluations see the same sampling noise), rule + model reward. With `algo.eval_k`,
+        `self.eval_metrics` gets eval/pass@k, eval/mean@n (and eval/maj@k) of the same samples."""
+        self.eval_metrics = {}
         items = self.prompts.val[: self.algo.eval_prompts]
         if not items:
             return float("nan")
-        batch = self.generate(items, self.algo.eval_samples, seed=self.cfg.seed + 99_991,
-                              temperature=self.algo.eval_temperature)
-        _, metrics = self.rule_and_model_scores(batch, items)
+        n = self.algo.eval_samples
+        batch = self.generate(items, n, seed=self.cfg.seed + 99_991, temperature=self.algo.eval_temperature)
+        batch, metrics = self.rule_and_model_scores(batch, items)
+        if self.algo.eval_k:
+            from align.evaluation.policy import answer_extractor, sample_metrics
+
+            scores = batch.scores.tolist()  # row i * n + j: sample j of prompt i
+            extract = answer_extractor(self.reward_fn)
+            answers = None if extract is None else [[extract(t) for t in batch.response_text[i : i + n]]
+                                                    for i in range(0, len(batch), n)]
+            stats = sample_metrics([scores[i : i + n] for i in range(0, len(scores), n)], self.algo.eval_threshold,
+                                   self.algo.eval_k, answers)
+            self.eval_metrics = {f"eval/{k}": v for k, v in stats.items()}
         return metrics["reward/mean"]
 
     def end_step(self, step: int, metrics: dict[str, Any], trainer_state: dict) -> dict[str, Any]:
@@ -294,6 +307,7 @@ class RLRun:
         if step % self.tcfg.eval_every == 0 or step == self.tcfg.max_steps:
             t0 = time.perf_counter()
             metrics["eval/reward"] = self.eval_after = self.evaluate()
+            metrics.update(self.eval_metrics)
             metrics["time/eval"] = time.perf_counter() - t0
         self.log.log(step, metrics, advance=1)
         save_or_stop(step, self.tcfg, lambda: self.save(step, trainer_state))

@@ -125,8 +125,9 @@ def read_margins(cfg: DataConfig, column: str, stats) -> list[tuple[object, floa
     return out
 
 
-def load_pair_data(cfg: DataConfig, margin, tokenizer) -> PairData:
-    """Read, split deterministically and tokenize `cfg.source`; attach `margin` to each pair.
+def load_pair_data(cfg: DataConfig, margin, tokenizer, length_balance: bool = False) -> PairData:
+    """Read, split deterministically and tokenize `cfg.source`; attach `margin` to each pair;
+    with `length_balance`, balance the training pairs' lengths (`balance_lengths`).
 
     margin: None, a number (every pair), or a column name (each pair's own). The split is the
     data layer's (`build_split`), keyed by the pair's content, so it does not depend on margins.
@@ -155,9 +156,31 @@ def load_pair_data(cfg: DataConfig, margin, tokenizer) -> PairData:
         if margin is not None:
             for item in train + val:
                 item["margin"] = float(margin)
+    if length_balance:
+        train = balance_lengths(train, cfg.seed)
     if not train:
         raise ValueError(f"data.source {cfg.source}: no training pairs left (format {cfg.format!r}); {stats.summary()}")
     return PairData(train, val, stats.as_dict(), stats.summary())
+
+
+def balance_lengths(items: list[dict], seed: int) -> list[dict]:
+    """The training pairs with "longer response wins" made uninformative: every pair whose
+    chosen response is the shorter (in tokens, as the model reads it) and every tie is kept,
+    and as many pairs with the chosen response the longer are drawn (deterministically, without
+    replacement) from the larger side; the other side is kept whole.
+
+    Length balancing of Singhal et al. 2023 ("A Long Way to Go", arXiv:2310.03716, Sec. 4):
+    where preferred responses are longer more often than not (HH-RLHF helpful-base: 60% by
+    characters), a reward model learns length first and carries that bias to data where it
+    does not hold (helpful-online: the chosen response is the longer in 43% of pairs).
+    """
+    sign = [(len(x["chosen_ids"]) > len(x["rejected_ids"])) - (len(x["chosen_ids"]) < len(x["rejected_ids"]))
+            for x in items]
+    longer, shorter = [i for i, s in enumerate(sign) if s > 0], [i for i, s in enumerate(sign) if s < 0]
+    big, small = (longer, shorter) if len(longer) >= len(shorter) else (shorter, longer)
+    drawn = torch.randperm(len(big), generator=torch.Generator().manual_seed(seed))[: len(small)]
+    dropped = set(big) - {big[i] for i in drawn.tolist()}
+    return [x for i, x in enumerate(items) if i not in dropped]
 
 
 def _check_paired(cfg: DataConfig, examples: list) -> None:
@@ -270,7 +293,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
 
     # 3. Data: pairs (with their margins), split deterministically, tokenized.
-    data = load_pair_data(cfg.data, algo.margin, tokenizer)
+    data = load_pair_data(cfg.data, algo.margin, tokenizer, algo.length_balance)
     val_items = data.val[: tcfg.eval_batches * tcfg.batch_size]
     order = EpochBatches(len(data.train), tcfg.batch_size, seed=cfg.seed)
 

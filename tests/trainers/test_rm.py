@@ -322,3 +322,25 @@ def test_config_defaults_and_validation():
             compose(["algo=rm", bad])
     with pytest.raises(Exception, match="nonsense"):
         compose(["algo=rm", "algo.nonsense=1"])
+
+
+def test_length_balance_keeps_the_minority_side_and_ties_and_draws_as_many_from_the_majority():
+    """5 pairs with the chosen response the longer, 2 with it the shorter, 1 tie: 2 of the 5 are
+    drawn (the seed decides which), the rest kept, the order unchanged; "longer wins" is then a coin."""
+    from align.trainers.rm import balance_lengths
+
+    def pair(c, r, tag):
+        return {"prompt_ids": [tag], "chosen_ids": [0] * c, "rejected_ids": [0] * r}
+
+    items = [pair(3, 1, 0), pair(1, 3, 1), pair(4, 2, 2), pair(2, 2, 3), pair(5, 1, 4), pair(2, 6, 5),
+             pair(6, 1, 6), pair(7, 2, 7)]
+    kept = balance_lengths(items, seed=0)
+    tags = [x["prompt_ids"][0] for x in kept]
+    assert tags == sorted(tags) and {1, 3, 5} <= set(tags) and len(tags) == 5
+    longer = [x for x in kept if len(x["chosen_ids"]) > len(x["rejected_ids"])]
+    assert len(longer) == 2 == len([x for x in kept if len(x["chosen_ids"]) < len(x["rejected_ids"])])
+    assert balance_lengths(items, seed=0) == kept
+    assert any(balance_lengths(items, seed=s) != kept for s in range(1, 6))
+    # the other way round: the chosen response mostly the shorter
+    flipped = [{**x, "chosen_ids": x["rejected_ids"], "rejected_ids": x["chosen_ids"]} for x in items]
+    assert len(balance_lengths(flipped, seed=0)) == 5
