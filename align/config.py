@@ -131,6 +131,8 @@ class TrainerConfig:
 
     batch_size is the micro-batch; one optimizer step sees batch_size * grad_accum examples.
     resume: `auto` (continue from the newest checkpoint in output_dir if any), `never`, or a path.
+    check_memory: at start-up, plan the run's memory (align/plan.py, `python -m align plan`) and
+    `warn` when it will not fit this machine, refuse to start (`strict`), or skip the check (`off`).
     """
 
     max_steps: int = 100
@@ -151,6 +153,7 @@ class TrainerConfig:
     resume: str = "auto"
     num_threads: int = 0
     progress: bool = True
+    check_memory: str = "warn"
 
     def __post_init__(self):
         _positive("trainer.max_steps", self.max_steps)
@@ -159,6 +162,7 @@ class TrainerConfig:
         _positive("trainer.lr", self.lr)
         _positive("trainer.warmup_steps", self.warmup_steps, allow_zero=True)
         _one_of("trainer.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
+        _one_of("trainer.check_memory", self.check_memory, ("warn", "strict", "off"))
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"trainer.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
         _positive("trainer.max_grad_norm", self.max_grad_norm, allow_zero=True)
