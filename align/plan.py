@@ -63,12 +63,13 @@ from align.config import ConfigError, RunConfig
 GIB, MIB = 1024**3, 1024**2
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
-# Resident memory of a process before any model loads, measured on the CI machine (x86-64 Linux,
-# torch 2.13 CPU, transformers 5, peft, ray 2.60): `python scripts/bench_plan.py --baseline`
-# prints these. trainer: `python -m align` for SFT/DPO/RM (torch, transformers, peft with
-# bitsandbytes, hydra, tensorboard, the tokenizer and tokenized data, a first forward's thread
-# pools); ray_worker: a Ray actor with the same imports; driver: the RL driver (Ray, no model).
-CPU_RUNTIME_BYTES = {"trainer": 470 * MIB, "ray_worker": 520 * MIB, "driver": 440 * MIB}
+# Resident memory of a process before its model, measured on the CI machine (x86-64 Linux, torch 2.13
+# CPU, transformers 5, peft with bitsandbytes, ray 2.60) by `python scripts/bench_plan.py --baseline`:
+# trainer: a two-step stories260K SFT run's peak less its planned tensors (imports alone: 397 MiB;
+# the rest is tokenizer, data, logging, thread pools); ray_worker: a Ray actor after a ModelWorker's
+# imports; driver: the RL driver's peak (it holds no model). Another machine or version differs by
+# tens of MiB: negligible beside any model worth planning, and restated by that script.
+CPU_RUNTIME_BYTES = {"trainer": 463 * MIB, "ray_worker": 440 * MIB, "driver": 442 * MIB}
 # A CUDA context with cuBLAS/cuDNN loaded: about 0.5-1 GiB per process depending on the GPU and
 # CUDA version (PyTorch "CUDA semantics" notes on the caching allocator and context); the upper end.
 CUDA_CONTEXT_BYTES = 1 * GIB
@@ -238,6 +239,7 @@ class Plan:
     efficiency: float
     available_bytes: Optional[int] = None
     available_what: str = ""
+    peak_source: str = ""
     problems: list = field(default_factory=list)
     fixes: list = field(default_factory=list)
 
@@ -348,7 +350,7 @@ def plan_run(cfg: RunConfig, shape: Optional[ModelShape] = None, *, device: Opti
     return _plan(s, shape, memory_bytes, peak_tflops, efficiency)
 
 
-def _plan(s: Setup, shape: ModelShape, memory_bytes, peak_tflops, efficiency) -> Plan:
+def _plan(s: Setup, shape: ModelShape, memory_bytes, peak_tflops, efficiency, check: bool = True) -> Plan:
     cuda = s.device.startswith("cuda")
     available, what = _available(cuda, memory_bytes)
     runtime = (lambda kind: CUDA_CONTEXT_BYTES) if cuda else CPU_RUNTIME_BYTES.__getitem__
@@ -378,11 +380,13 @@ def _plan(s: Setup, shape: ModelShape, memory_bytes, peak_tflops, efficiency) ->
         procs.append(_finish(p, s, runtime("trainer"), None))
 
     flops = step_flops(s, shape)
-    peak = (peak_tflops * 1e12) if peak_tflops else _peak_flops(cuda)
+    peak, peak_source = (peak_tflops * 1e12, "stated") if peak_tflops else _peak_flops(cuda)
     eff = efficiency if efficiency is not None else (0.35 if cuda else 0.1)
     devices = s.world * (len(procs) - 1 if s.algo in ("grpo", "ppo") and s.placement == "split" else 1)
-    plan = Plan(s, shape, procs, flops, flops / (peak * eff * max(devices, 1)), peak, eff, available, what)
-    _check_fit(plan)
+    plan = Plan(s, shape, procs, flops, flops / (peak * eff * max(devices, 1)), peak, eff, available, what,
+                peak_source=peak_source)
+    if check:
+        _check_fit(plan)
     return plan
 
 
@@ -417,29 +421,57 @@ def _check_fit(plan: Plan) -> None:
               key=lambda k: worst.parts[k])
     plan.problems.append(f"{'per GPU' if cuda else 'all processes'} {_gib(need)} > {plan.available_what} "
                          f"{_gib(plan.available_bytes)}; the largest part: {top} of {worst.name} ({_gib(worst.parts[top])})")
+    def need_of(setup: Setup) -> int:
+        trial = _plan(setup, plan.shape, plan.available_bytes, None, None, check=False)
+        return max(p.peak for p in trial.processes) if cuda else sum(p.peak * p.count for p in trial.processes)
+
     for override, setup in _fix_candidates(plan.setup):
-        trial = _plan(setup, plan.shape, plan.available_bytes, None, None)
-        trial_need = (max(p.peak for p in trial.processes) if cuda
-                      else sum(p.peak * p.count for p in trial.processes))
+        trial_need = need_of(setup)
+        if trial_need >= need:
+            continue  # this knob does not touch the part that sets the peak
         plan.fixes.append(f"{override}: {_gib(trial_need)}" + (" (fits)" if trial_need <= plan.available_bytes else ""))
+    # The knobs together, greedily: each round takes the one that saves the most.
+    setup, chosen = plan.setup, []
+    while need > plan.available_bytes:
+        options = [(need_of(st), o, st) for o, st in _fix_candidates(setup)]
+        if not options or min(options, key=lambda x: x[0])[0] >= need:
+            break
+        need, override, setup = min(options, key=lambda x: x[0])
+        chosen.append(override)
+    if len(chosen) > 1:
+        verdict = "fits" if need <= plan.available_bytes else "still does not fit"
+        plan.fixes.append(f"together: {' '.join(chosen)}: {_gib(need)} ({verdict})")
+
+
+def _missing(key: str) -> str:
+    """' (not in this build yet)' for a trainer key this build's TrainerConfig lacks."""
+    from dataclasses import fields
+
+    from align.config import TrainerConfig
+
+    return "" if key in {f.name for f in fields(TrainerConfig)} else " (not in this build yet)"
 
 
 def _fix_candidates(s: Setup) -> list:
-    """(override, Setup) for each knob that lowers memory, most effective first."""
+    """(override, Setup) for each knob that lowers memory."""
     out = []
     if s.finetune == "full":
         out.append(("model.finetune=lora", replace(s, finetune="lora")))
     if not s.checkpointing:
-        out.append(("trainer.gradient_checkpointing=true", replace(s, checkpointing=True)))
+        out.append(("trainer.gradient_checkpointing=true" + _missing("gradient_checkpointing"),
+                    replace(s, checkpointing=True)))
     if s.strategy != "fsdp2":
         for world in (max(s.world, 2), max(s.world, 8)):
-            out.append((f"trainer.strategy=fsdp2 cluster.num_replicas={world}",
+            out.append((f"trainer.strategy=fsdp2{_missing('strategy')} cluster.num_replicas={world}",
                         replace(s, strategy="fsdp2", world=world)))
-    if s.micro_batch > 1:
+    rl = s.algo in ("grpo", "ppo")
+    if s.micro_batch > 1 and rl:  # RL: trainer.batch_size is the micro-batch of each minibatch
+        out.append((f"trainer.batch_size={max(1, s.micro_batch // 4)}", replace(s, micro_batch=max(1, s.micro_batch // 4))))
+    elif s.micro_batch > 1:
         half = max(1, s.micro_batch // 4)
         out.append((f"trainer.batch_size={half} trainer.grad_accum={s.grad_accum * s.micro_batch // half}",
                     replace(s, micro_batch=half, grad_accum=s.grad_accum * s.micro_batch // half)))
-    if s.algo in ("grpo", "ppo"):
+    if rl:
         if s.merged_copy and s.finetune == "lora":
             out.append(("rollout.merged_copy=false", replace(s, merged_copy=False)))
         if s.forward_batch > 8:
@@ -478,16 +510,18 @@ def _available(cuda: bool, memory_bytes: Optional[int]) -> tuple:
         return info.get("MemAvailable"), "available RAM"
 
 
-def _peak_flops(cuda: bool) -> float:
+def _peak_flops(cuda: bool) -> tuple:
+    """(FLOP/s, where the figure comes from) of one device."""
     if cuda:
         import torch
 
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
         for key, tflops in GPU_PEAK_TFLOPS.items():
             if key in name:
-                return tflops * 1e12
-        return GPU_PEAK_TFLOPS["A100"] * 1e12
-    return (os.cpu_count() or 1) * CPU_FLOPS_PER_CORE
+                return tflops * 1e12, f"{name} bf16 data sheet"
+        return GPU_PEAK_TFLOPS["A100"] * 1e12, "A100 bf16 assumed; pass --peak-tflops"
+    cores = os.cpu_count() or 1
+    return cores * CPU_FLOPS_PER_CORE, f"{cores} cores x 2.5 GHz x 32 FLOP/cycle assumed; pass --peak-tflops"
 
 
 # -------------------------------------------------------------------------------------- output
@@ -513,9 +547,12 @@ def format_plan(plan: Plan) -> str:
         lines.extend(f"    note: {n}" for n in p.notes)
     runtime = "the CUDA context" if s.device.startswith("cuda") else (
         "the measured resident size of a Python process with torch, transformers and peft loaded (CPU_RUNTIME_BYTES)")
-    lines.append(f"  runtime = {runtime}")
-    lines.append(f"  compute: {plan.flops_per_step:.3g} FLOPs per step; at {plan.peak_flops / 1e12:.3g} TFLOP/s peak x "
-                 f"{plan.efficiency:.0%} efficiency: {plan.seconds_per_step:.3g} s per step")
+    lines.append(f"  runtime = {runtime}; the longest batch (sequences at the configured maxima) is planned")
+    if s.finetune == "full" and s.precision == "model" and s.dtype_bytes == 2:
+        lines.append("  note: AdamW keeps its moments in the parameters' bf16 (torch.optim.AdamW); fp32 master weights"
+                     " would add 12 bytes per parameter")
+    lines.append(f"  compute: {plan.flops_per_step:.3g} FLOPs per step; at {plan.peak_flops / 1e12:.3g} TFLOP/s peak "
+                 f"({plan.peak_source}) x {plan.efficiency:.0%} efficiency: {plan.seconds_per_step:.3g} s per step")
     if plan.available_bytes is None:
         lines.append(f"  memory: {plan.available_what}")
     elif plan.fits:

@@ -161,12 +161,47 @@ def bench(names: list[str], model_overrides: list[str], workdir: Path) -> dict:
             "measured": sum("processes" in r for r in results.values())}
 
 
-def baseline() -> dict:
-    """Resident size of the three kinds of process before a model loads (CPU_RUNTIME_BYTES)."""
-    code = ("import resource, torch, transformers, peft, hydra, align.trainers.sft, align.trainers.dpo, "
-            "align.trainers.rm;print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    plain = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout.split()[-1])
-    return {"imports_only_mib": round(plain / 2**20, 1)}
+RAY_ACTOR = """
+import json, ray
+ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+
+@ray.remote
+class Probe:
+    def rss(self):
+        import torch, transformers, peft, align.workers.worker, rollout.hf  # what a ModelWorker imports
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+print(ray.get(Probe.remote().rss.remote()))
+"""
+
+
+def baseline(workdir: Path) -> dict:
+    """The runtime constants of `align.plan.CPU_RUNTIME_BYTES`, measured.
+
+    trainer: a real two-step SFT run of stories260K (whose tensors the planner puts at a few tens
+    of MiB) minus those predicted tensors: the imports plus tokenizer, data, logging and thread
+    pools. ray_worker: a Ray actor's peak after importing what a ModelWorker imports. driver: the
+    peak of a GRPO run's driver process (it holds no model)."""
+    from align.config import shared_data_dir
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    code = "import resource, torch, transformers, peft, hydra, align.trainers.sft; " \
+           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    imports = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                                 env=env).stdout.split()[-1])
+    stories = [f"model.name_or_path={os.path.join(shared_data_dir(), 'models', 'stories260K')}"]
+    sft = ["algo=sft", "data.limit=200", "trainer.eval_batches=1"] + stories
+    predicted, plan = predict(sft)
+    tensors = predicted["trainer"] - plan.processes[0].parts["runtime"]
+    trainer = run_measured(sft, workdir / "baseline_sft")["trainer"][0] - tensors
+    grpo = run_measured(GRPO + stories + ["model.finetune=lora"], workdir / "baseline_grpo")["driver"][0]
+    env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # as `python -m align` sets it for its workers
+    actor = int(subprocess.run([sys.executable, "-c", RAY_ACTOR], capture_output=True, text=True, cwd=REPO,
+                               env=env).stdout.split()[-1])
+    mib = lambda n: round(n / 2**20, 1)  # noqa: E731
+    return {"imports_only_mib": mib(imports), "trainer_mib": mib(trainer), "ray_worker_mib": mib(actor),
+            "driver_mib": mib(grpo)}
 
 
 def main() -> None:
@@ -177,7 +212,8 @@ def main() -> None:
     ap.add_argument("--baseline", action="store_true")
     args = ap.parse_args()
     if args.baseline:
-        print(json.dumps(baseline()))
+        with tempfile.TemporaryDirectory(prefix="bench_plan_") as tmp:
+            print(json.dumps(baseline(Path(tmp))))
         return
     names = args.only.split(",") if args.only else list(CONFIGS)
     with tempfile.TemporaryDirectory(prefix="bench_plan_") as tmp:
