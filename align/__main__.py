@@ -38,9 +38,9 @@ def pin_malloc_threshold(threshold: int = 1 << 20) -> None:
 
     glibc serves large allocations with mmap and returns them on free, but raises that threshold
     (up to 32 MiB) each time such a block is freed; then a step's activations come from the heap,
-    which keeps them after they are freed. Measured on a 25M-parameter Llama: a LoRA SFT step
-    peaked at 1.93 GiB resident with the dynamic threshold, 0.79 GiB with it fixed at 1 MiB
-    (scripts/bench_plan.py). This fixes the threshold for this process (mallopt M_MMAP_THRESHOLD)
+    which keeps them after they are freed. Measured on a 25M-parameter Llama: a two-step LoRA SFT
+    run peaked at 1.89 GiB resident with the dynamic threshold, 1.17 GiB with it fixed at 1 MiB
+    (scripts/bench_plan.py, sft_lora). This fixes the threshold for this process (mallopt M_MMAP_THRESHOLD)
     and, through MALLOC_MMAP_THRESHOLD_, for the Ray workers it starts. A MALLOC_MMAP_THRESHOLD_
     already set by the user is left alone."""
     import ctypes

@@ -56,7 +56,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional
+from typing import Any
 
 from align.config import ConfigError, RunConfig
 
@@ -183,7 +183,7 @@ class Setup:
     device: str = "cpu"
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, device: str) -> "Setup":
+    def from_config(cls, cfg: RunConfig, device: str) -> Setup:
         algo, t, m, r, d = cfg.algo, cfg.trainer, cfg.model, cfg.rollout, cfg.data
         name = algo.name
         rl = name in ("grpo", "ppo")
@@ -237,7 +237,7 @@ class Plan:
     seconds_per_step: float
     peak_flops: float
     efficiency: float
-    available_bytes: Optional[int] = None
+    available_bytes: int | None = None
     available_what: str = ""
     peak_source: str = ""
     problems: list = field(default_factory=list)
@@ -293,12 +293,13 @@ def _model_process(s: Setup, shape: ModelShape, name: str, roles: tuple, *, roll
     per_token = shape.activation_elements_per_token
     parts["activations"] = tokens * per_token(False) * act_b if trains else 0
     parts["activations (checkpointing)"] = tokens * per_token(True) * act_b if trains else 0
-    lm_rows = 0 if s.algo == "rm" else tokens if s.algo != "dpo" else rows * s.response_len
+    # DPO and the RL workers run the LM head on response positions only (shared-prompt log-probs).
+    lm_rows = 0 if s.algo == "rm" else tokens if s.algo == "sft" else rows * s.response_len
     parts["logits"] = 2 * lm_rows * shape.vocab * act_b if trains else 0  # logits and their gradient
     if s.algo == "dpo":  # the reference precompute and evaluation: forward_batch pairs, responses only
         parts["logits (no-grad pass)"] = 2 * s.forward_batch * s.response_len * shape.vocab * act_b
     elif rollout or not trains:  # RL scoring: forward_batch_size rows per no-grad forward
-        parts["logits (no-grad pass)"] = min(s.forward_batch, max(rows_gen, 1)) * s.seq_len * shape.vocab * act_b
+        parts["logits (no-grad pass)"] = min(s.forward_batch, max(rows_gen, 1)) * s.response_len * shape.vocab * act_b
     else:
         parts["logits (no-grad pass)"] = 0
     parts["rollout engine"] = 0
@@ -316,7 +317,7 @@ def _model_process(s: Setup, shape: ModelShape, name: str, roles: tuple, *, roll
     return p
 
 
-def _finish(p: ProcessPlan, s: Setup, runtime: int, device_bytes: Optional[int]) -> ProcessPlan:
+def _finish(p: ProcessPlan, s: Setup, runtime: int, device_bytes: int | None) -> ProcessPlan:
     """The peak: what the process always holds plus its largest phase."""
     parts = p.parts
     if parts.get("rollout engine") == -1:
@@ -336,9 +337,9 @@ def _finish(p: ProcessPlan, s: Setup, runtime: int, device_bytes: Optional[int])
     return p
 
 
-def plan_run(cfg: RunConfig, shape: Optional[ModelShape] = None, *, device: Optional[str] = None,
-             memory_bytes: Optional[int] = None, peak_tflops: Optional[float] = None,
-             efficiency: Optional[float] = None, setup: Optional[Setup] = None) -> Plan:
+def plan_run(cfg: RunConfig, shape: ModelShape | None = None, *, device: str | None = None,
+             memory_bytes: int | None = None, peak_tflops: float | None = None,
+             efficiency: float | None = None, setup: Setup | None = None) -> Plan:
     """The plan of `cfg`. device: cpu | cuda (default: the model's, `auto` = cuda when present).
     memory_bytes: what each GPU (cuda) or the machine (cpu) has; default: measured here."""
     if cfg.algo.name not in ("sft", "dpo", "rm", "grpo", "ppo"):
@@ -420,7 +421,8 @@ def _check_fit(plan: Plan) -> None:
     top = max((k for k in worst.parts if k != "runtime" and "checkpointing" not in k),
               key=lambda k: worst.parts[k])
     plan.problems.append(f"{'per GPU' if cuda else 'all processes'} {_gib(need)} > {plan.available_what} "
-                         f"{_gib(plan.available_bytes)}; the largest part: {top} of {worst.name} ({_gib(worst.parts[top])})")
+                         f"{_gib(plan.available_bytes)}; the largest part: {top} of {worst.name} "
+                         f"({_gib(worst.parts[top])})")
     def need_of(setup: Setup) -> int:
         trial = _plan(setup, plan.shape, plan.available_bytes, None, None, check=False)
         return max(p.peak for p in trial.processes) if cuda else sum(p.peak * p.count for p in trial.processes)
@@ -466,7 +468,8 @@ def _fix_candidates(s: Setup) -> list:
                         replace(s, strategy="fsdp2", world=world)))
     rl = s.algo in ("grpo", "ppo")
     if s.micro_batch > 1 and rl:  # RL: trainer.batch_size is the micro-batch of each minibatch
-        out.append((f"trainer.batch_size={max(1, s.micro_batch // 4)}", replace(s, micro_batch=max(1, s.micro_batch // 4))))
+        quarter = max(1, s.micro_batch // 4)
+        out.append((f"trainer.batch_size={quarter}", replace(s, micro_batch=quarter)))
     elif s.micro_batch > 1:
         half = max(1, s.micro_batch // 4)
         out.append((f"trainer.batch_size={half} trainer.grad_accum={s.grad_accum * s.micro_batch // half}",
@@ -475,7 +478,8 @@ def _fix_candidates(s: Setup) -> list:
         if s.merged_copy and s.finetune == "lora":
             out.append(("rollout.merged_copy=false", replace(s, merged_copy=False)))
         if s.forward_batch > 8:
-            out.append((f"algo.forward_batch_size={s.forward_batch // 4}", replace(s, forward_batch=s.forward_batch // 4)))
+            quarter = s.forward_batch // 4
+            out.append((f"algo.forward_batch_size={quarter}", replace(s, forward_batch=quarter)))
         if s.placement == "colocated" and "critic" in s.roles:
             out.append(("cluster.placement=split", replace(s, placement="split")))
     return out
@@ -489,7 +493,7 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _available(cuda: bool, memory_bytes: Optional[int]) -> tuple:
+def _available(cuda: bool, memory_bytes: int | None) -> tuple:
     """Memory of one GPU (cuda) or available to processes on this machine (cpu)."""
     if memory_bytes:
         return memory_bytes, "stated memory"
@@ -498,7 +502,7 @@ def _available(cuda: bool, memory_bytes: Optional[int]) -> tuple:
 
         if not torch.cuda.is_available():
             return None, "no GPU here (pass --memory-gib)"
-        free, total = torch.cuda.mem_get_info()
+        free, _ = torch.cuda.mem_get_info()
         return free, f"free on {torch.cuda.get_device_name()}"
     try:
         import psutil
@@ -533,11 +537,11 @@ def _gib(n: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     s, sh = plan.setup, plan.shape
-    lines = [f"plan: algo={s.algo} model {sh.params / 1e6:.2f}M params ({sh.layers} layers, hidden {sh.hidden}, "
-             f"vocab {sh.vocab}), finetune={s.finetune}, {s.dtype_bytes} bytes/param, precision={s.precision}, "
-             f"strategy={s.strategy}, replicas={s.world}, placement={s.placement}, device={s.device}",
-             f"      micro-batch {s.micro_batch} x {s.seq_len} tokens (prompt {s.prompt_len} + response "
-             f"{s.response_len}), gradient checkpointing {'on' if s.checkpointing else 'off'}"]
+    lines = [(f"plan: algo={s.algo} model {sh.params / 1e6:.2f}M params ({sh.layers} layers, hidden {sh.hidden}, "
+              f"vocab {sh.vocab}), finetune={s.finetune}, {s.dtype_bytes} bytes/param, precision={s.precision}, "
+              f"strategy={s.strategy}, replicas={s.world}, placement={s.placement}, device={s.device}"),
+             (f"      micro-batch {s.micro_batch} x {s.seq_len} tokens (prompt {s.prompt_len} + response "
+              f"{s.response_len}), gradient checkpointing {'on' if s.checkpointing else 'off'}")]
     for p in plan.processes:
         lines.append(f"  {p.name}  x{p.count}")
         for key, value in p.parts.items():
@@ -566,20 +570,23 @@ def format_plan(plan: Plan) -> str:
 # --------------------------------------------------------------------------------- entry points
 
 
-def check_memory(cfg: RunConfig, *, stream=sys.stderr) -> Optional[Plan]:
+def check_memory(cfg: RunConfig, *, stream=sys.stderr) -> Plan | None:
     """The start-up check (`trainer.check_memory`): warn, or (strict) raise ConfigError, when the
     plan does not fit this machine. Plans that cannot be made (another stage, an unreadable config)
     are skipped with a note: the run itself reports those errors."""
     mode = getattr(cfg.trainer, "check_memory", "warn")
     if mode == "off" or cfg.algo.name not in ("sft", "dpo", "rm", "grpo", "ppo"):
         return None
+    if cfg.algo.name in ("grpo", "ppo") and cfg.cluster.address != "local":
+        return None  # the workers run on other machines: `python -m align plan --memory-gib ...` sizes them
     try:
         plan = plan_run(cfg)
     except Exception as exc:  # noqa: BLE001 - the run reports its own errors; the check must not mask them
         print(f"align: memory check skipped: {exc}", file=stream)
         return None
     if not plan.fits:
-        message = "; ".join(plan.problems) + ". Try: " + "; ".join(plan.fixes) + " (python -m align plan ... for details)"
+        message = ("; ".join(plan.problems) + ". Try: " + "; ".join(plan.fixes)
+                   + " (python -m align plan ... for details)")
         if mode == "strict":
             raise ConfigError(f"trainer.check_memory=strict: the run will not fit: {message}")
         print(f"align: WARNING: the run may not fit: {message}", file=stream)

@@ -102,10 +102,8 @@ def run_measured(overrides: list[str], out: Path) -> dict:
                     workers.setdefault(w["pid"], 0)
             except (ValueError, KeyError):
                 pass
-        for wpid in workers:
-            peak = _hwm(wpid)
-            if peak:
-                workers[wpid] = max(workers[wpid], peak)
+        for wpid, seen in workers.items():
+            workers[wpid] = max(seen, _hwm(wpid) or 0)
         time.sleep(0.05)
     reader.join(timeout=5)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -188,7 +186,7 @@ def baseline(workdir: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     code = "import resource, torch, transformers, peft, hydra, align.trainers.sft; " \
            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
-    imports = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+    imports = int(subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO,
                                  env=env).stdout.split()[-1])
     stories = [f"model.name_or_path={os.path.join(shared_data_dir(), 'models', 'stories260K')}"]
     sft = ["algo=sft", "data.limit=200", "trainer.eval_batches=1"] + stories
@@ -197,9 +195,9 @@ def baseline(workdir: Path) -> dict:
     trainer = run_measured(sft, workdir / "baseline_sft")["trainer"][0] - tensors
     grpo = run_measured(GRPO + stories + ["model.finetune=lora"], workdir / "baseline_grpo")["driver"][0]
     env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # as `python -m align` sets it for its workers
-    actor = int(subprocess.run([sys.executable, "-c", RAY_ACTOR], capture_output=True, text=True, cwd=REPO,
+    actor = int(subprocess.run([sys.executable, "-c", RAY_ACTOR], check=False, capture_output=True, text=True, cwd=REPO,
                                env=env).stdout.split()[-1])
-    mib = lambda n: round(n / 2**20, 1)  # noqa: E731
+    mib = lambda n: round(n / 2**20, 1)
     return {"imports_only_mib": mib(imports), "trainer_mib": mib(trainer), "ray_worker_mib": mib(actor),
             "driver_mib": mib(grpo)}
 
