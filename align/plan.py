@@ -294,11 +294,12 @@ def _model_process(s: Setup, shape: ModelShape, name: str, roles: tuple, *, roll
     parts["activations"] = tokens * per_token(False) * act_b if trains else 0
     parts["activations (checkpointing)"] = tokens * per_token(True) * act_b if trains else 0
     # DPO and the RL workers run the LM head on response positions only (shared-prompt log-probs).
-    lm_rows = 0 if s.algo == "rm" else tokens if s.algo == "sft" else rows * s.response_len
+    lm_rows = 0 if s.algo == "rm" or "actor" not in roles and s.algo in ("grpo", "ppo") else (
+        tokens if s.algo == "sft" else rows * s.response_len)  # a critic or reward worker: no LM head
     parts["logits"] = 2 * lm_rows * shape.vocab * act_b if trains else 0  # logits and their gradient
     if s.algo == "dpo":  # the reference precompute and evaluation: forward_batch pairs, responses only
         parts["logits (no-grad pass)"] = 2 * s.forward_batch * s.response_len * shape.vocab * act_b
-    elif rollout or not trains:  # RL scoring: forward_batch_size rows per no-grad forward
+    elif rollout:  # RL scoring (reference, old log-probs): forward_batch_size rows per no-grad forward
         parts["logits (no-grad pass)"] = min(s.forward_batch, max(rows_gen, 1)) * s.response_len * shape.vocab * act_b
     else:
         parts["logits (no-grad pass)"] = 0
@@ -339,7 +340,8 @@ def _finish(p: ProcessPlan, s: Setup, runtime: int, device_bytes: int | None) ->
 
 def plan_run(cfg: RunConfig, shape: ModelShape | None = None, *, device: str | None = None,
              memory_bytes: int | None = None, peak_tflops: float | None = None,
-             efficiency: float | None = None, setup: Setup | None = None) -> Plan:
+             efficiency: float | None = None, setup: Setup | None = None,
+             memory_what: str = "stated memory") -> Plan:
     """The plan of `cfg`. device: cpu | cuda (default: the model's, `auto` = cuda when present).
     memory_bytes: what each GPU (cuda) or the machine (cpu) has; default: measured here."""
     if cfg.algo.name not in ("sft", "dpo", "rm", "grpo", "ppo"):
@@ -348,12 +350,13 @@ def plan_run(cfg: RunConfig, shape: ModelShape | None = None, *, device: str | N
     device = device or _resolve_device(cfg.model.device)
     shape = shape or read_model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
     s = setup or Setup.from_config(cfg, device)
-    return _plan(s, shape, memory_bytes, peak_tflops, efficiency)
+    return _plan(s, shape, memory_bytes, peak_tflops, efficiency, memory_what=memory_what)
 
 
-def _plan(s: Setup, shape: ModelShape, memory_bytes, peak_tflops, efficiency, check: bool = True) -> Plan:
+def _plan(s: Setup, shape: ModelShape, memory_bytes, peak_tflops, efficiency, check: bool = True,
+          memory_what: str = "stated memory") -> Plan:
     cuda = s.device.startswith("cuda")
-    available, what = _available(cuda, memory_bytes)
+    available, what = (memory_bytes, memory_what) if memory_bytes else _available(cuda)
     runtime = (lambda kind: CUDA_CONTEXT_BYTES) if cuda else CPU_RUNTIME_BYTES.__getitem__
     procs = []
     if s.algo in ("grpo", "ppo"):
@@ -493,10 +496,8 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _available(cuda: bool, memory_bytes: int | None) -> tuple:
+def _available(cuda: bool) -> tuple:
     """Memory of one GPU (cuda) or available to processes on this machine (cpu)."""
-    if memory_bytes:
-        return memory_bytes, "stated memory"
     if cuda:
         import torch
 
@@ -570,7 +571,7 @@ def format_plan(plan: Plan) -> str:
 # --------------------------------------------------------------------------------- entry points
 
 
-def check_memory(cfg: RunConfig, *, stream=sys.stderr) -> Plan | None:
+def check_memory(cfg: RunConfig, *, stream=sys.stderr, memory_bytes: int | None = None) -> Plan | None:
     """The start-up check (`trainer.check_memory`): warn, or (strict) raise ConfigError, when the
     plan does not fit this machine. Plans that cannot be made (another stage, an unreadable config)
     are skipped with a note: the run itself reports those errors."""
@@ -579,8 +580,13 @@ def check_memory(cfg: RunConfig, *, stream=sys.stderr) -> Plan | None:
         return None
     if cfg.algo.name in ("grpo", "ppo") and cfg.cluster.address != "local":
         return None  # the workers run on other machines: `python -m align plan --memory-gib ...` sizes them
+    if memory_bytes is None and not _resolve_device(cfg.model.device).startswith("cuda"):
+        memory_bytes = _own_rss() + _available(False)[0]  # this process is already resident
+        what = "available RAM (and this process's own)"
+    else:
+        what = "stated memory"
     try:
-        plan = plan_run(cfg)
+        plan = plan_run(cfg, memory_bytes=memory_bytes, memory_what=what)
     except Exception as exc:  # noqa: BLE001 - the run reports its own errors; the check must not mask them
         print(f"align: memory check skipped: {exc}", file=stream)
         return None
@@ -591,6 +597,11 @@ def check_memory(cfg: RunConfig, *, stream=sys.stderr) -> Plan | None:
             raise ConfigError(f"trainer.check_memory=strict: the run will not fit: {message}")
         print(f"align: WARNING: the run may not fit: {message}", file=stream)
     return plan
+
+
+def _own_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
 
 
 def main(argv: list) -> int:
