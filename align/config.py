@@ -142,6 +142,8 @@ class TrainerConfig:
     run_name, project, group, tags: the tracker run's name (null: the output directory's name),
         project (W&B project, MLflow experiment, trackio project), group (W&B group; the pipeline
         groups its stages under its own name) and tags.
+    check_memory: at start-up, plan the run's memory (align/plan.py, `python -m align plan`) and
+    `warn` when it will not fit this machine, refuse to start (`strict`), or skip the check (`off`).
     """
 
     max_steps: int = 100
@@ -169,6 +171,7 @@ class TrainerConfig:
     project: str = "align"
     group: Optional[str] = None
     tags: Tuple[str, ...] = ()
+    check_memory: str = "warn"
 
     def __post_init__(self):
         from align.engine import PRECISIONS
@@ -183,6 +186,7 @@ class TrainerConfig:
         _positive("trainer.lr", self.lr)
         _positive("trainer.warmup_steps", self.warmup_steps, allow_zero=True)
         _one_of("trainer.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
+        _one_of("trainer.check_memory", self.check_memory, ("warn", "strict", "off"))
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"trainer.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
         _positive("trainer.max_grad_norm", self.max_grad_norm, allow_zero=True)
