@@ -44,6 +44,36 @@ def _cache_kwarg_of(model_type: type) -> str:
     return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
+def lm_backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM (or of a peft model over one), whose forward returns the
+    last hidden states without the LM head; LoRA layers live inside it, so they still apply."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.base_model
+
+
+def head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                  entropy: bool = False):
+    """log p(labels) (and entropies) of the next-token distributions at `hidden` (..., H), under
+    `model`'s LM head at `temperature`. A plain linear head runs inside the log-prob function, chunk
+    by chunk (`align.core.linear_logprobs`: no (..., V) logits kept for backward); a head with a
+    bias, a LoRA layer or a logit softcap (Gemma-2) goes through full logits."""
+    from align.core.linear_logprobs import linear_logprobs
+    from align.core.logprobs import entropy_from_logits, logprobs_from_logits
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    if type(head) is nn.Linear and head.bias is None and not softcap:
+        return linear_logprobs(hidden, head.weight, labels, temperature, entropy)
+    logits = head(hidden)  # (..., V)
+    if softcap:  # applied inside the causal LM's forward, so repeat it here
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = logprobs_from_logits(logits, labels)  # fp32 whatever the logits' dtype
+    return (logp, entropy_from_logits(logits)) if entropy else logp
+
+
 def check_role(role: str, valid: Sequence[str], what: str = "role") -> None:
     if role not in valid:
         raise ValueError(f"unknown or disabled {what} {role!r}; valid here: {list(valid)}")
@@ -219,22 +249,7 @@ class RoleModel(nn.Module):
     def _token_logprobs(self, role: str, hidden, input_ids, temperature: float, entropy: bool = False):
         """(B, T-1) log p(x_{t+1} | x_{<=t}) from (B, T, H) hidden states, and with `entropy` also
         (B, T-1) the entropy of each next-token distribution; call inside `_activate(role)`."""
-        from align.core.linear_logprobs import linear_logprobs
-        from align.core.logprobs import entropy_from_logits, logprobs_from_logits
-
-        lm = self._causal_lm(role)
-        head = lm.get_output_embeddings()
-        softcap = getattr(lm.config, "final_logit_softcapping", None)
-        if type(head) is nn.Linear and head.bias is None and not softcap:
-            # the LM head inside the log-prob function, chunk by chunk: no (B, T-1, V) logits kept for backward
-            return linear_logprobs(hidden[:, :-1], head.weight, input_ids[:, 1:], temperature, entropy)
-        logits = head(hidden[:, :-1])  # (B, T-1, V): a head with a bias, a LoRA layer or a softcap
-        if softcap:  # Gemma-2 style: applied inside the causal LM's forward, so repeat it here
-            logits = torch.tanh(logits / softcap) * softcap
-        if temperature != 1.0:
-            logits = logits / temperature
-        logp = logprobs_from_logits(logits, input_ids[:, 1:])  # fp32 whatever the logits' dtype
-        return (logp, entropy_from_logits(logits)) if entropy else logp
+        return head_logprobs(self._causal_lm(role), hidden[:, :-1], input_ids[:, 1:], temperature, entropy)
 
     def _values_from_hidden(self, hidden) -> torch.Tensor:
         head = self.value_head

@@ -9,6 +9,10 @@ Two ways to get them for k responses per prompt (k = 2 for a chosen/rejected pai
   are those of the concatenated forward (same positions, same attention), up to float rounding.
   Gradients flow through the cached keys and values into the prompt's forward.
 
+Both run the decoder stack for hidden states and score them through the LM head in chunks
+(`align.models.roles.head_logprobs`): no (rows, tokens, vocabulary) logits are kept for the
+backward pass.
+
 Batches are right-padded. Response row k * b + j is the j-th response of prompt b.
 """
 
@@ -19,9 +23,9 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from align.core import logprobs_from_logits, sequence_logps
+from align.core import sequence_logps
 from align.data import right_pad
-from align.models.roles import _cache_kwarg_of
+from align.models.roles import _cache_kwarg_of, head_logprobs, lm_backbone
 
 
 def collate_sequences(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -61,8 +65,8 @@ def response_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     Returns:
         logps (N,) float32 (with grad if the model has it); lengths (N,).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
-    token_logps = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])  # (N, T-1): t scores token t+1
+    hidden = lm_backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    token_logps = head_logprobs(model, hidden[:, :-1], input_ids[:, 1:])  # (N, T-1): t scores token t+1
     return sequence_logps(token_logps, loss_mask[:, 1:])
 
 
@@ -95,21 +99,15 @@ def shared_prompt_logps(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt
     R = response_ids.shape[1]
     prompt_len = prompt_mask.sum(1)  # (B,)
     last = prompt_len - 1  # the position whose logits score the first response token
-    keep = torch.unique(last)  # (U,) sorted; the LM head runs on these columns only
-    cache, name = DynamicCache(), _cache_kwarg(model)  # filled in place by the prompt's forward
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=keep, **{name: cache})
-    first_logits = out.logits[torch.arange(B, device=keep.device), torch.searchsorted(keep, last)]  # (B, V)
+    backbone = lm_backbone(model)
+    cache, name = DynamicCache(), _cache_kwarg_of(type(backbone))  # filled in place by the prompt's forward
+    hidden = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                      **{name: cache}).last_hidden_state  # (B, P, H)
+    first_hidden = hidden[torch.arange(B, device=last.device), last]  # (B, H): scores the first response token
     cache.batch_repeat_interleave(k)  # (kB, heads, P, d) keys and values per layer
     position_ids = prompt_len.repeat_interleave(k)[:, None] + torch.arange(R, device=prompt_len.device)  # (kB, R)
     attention = torch.cat([prompt_mask.repeat_interleave(k, 0), response_mask], 1)  # (kB, P+R): prompt padding masked
-    logits = model(input_ids=response_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
-                   **{name: cache}).logits  # (kB, R, V): position t scores token t+1
-    first = logprobs_from_logits(first_logits.repeat_interleave(k, 0)[:, None], response_ids[:, :1])  # (kB, 1)
-    rest = logprobs_from_logits(logits[:, :-1], response_ids[:, 1:])  # (kB, R-1)
-    return sequence_logps(torch.cat([first, rest], 1), response_mask)
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """`cache` (transformers >= 5.2x) or `past_key_values` (earlier; removed in 5.40)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _cache_kwarg_of(type(base))
+    hidden = backbone(input_ids=response_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
+                      **{name: cache}).last_hidden_state  # (kB, R, H): position t scores token t+1
+    hidden = torch.cat([first_hidden.repeat_interleave(k, 0)[:, None], hidden[:, :-1]], 1)  # (kB, R, H)
+    return sequence_logps(head_logprobs(model, hidden, response_ids), response_mask)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from align.config import RunConfig
-from align.core import logprobs_from_logits, masked_sum
+from align.core import masked_sum
 from align.engine import TrainEngine
 from align.lifecycle import save_or_stop
+from align.models.roles import head_logprobs, lm_backbone
 from align.trainers.checkpoint import Checkpointer
 from align.trainers.common import (
     EpochBatches,
@@ -59,10 +60,11 @@ def token_nll(model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, to
     Returns nll (B, T-1) and mask (B, T-1): position t scores token t+1, and the mask is 1
     where that token is a response token.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    hidden = lm_backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                use_cache=False).last_hidden_state  # (B, T, H)
     targets = batch.labels[:, 1:]  # (B, T-1)
-    mask = (targets != -100).to(logits.dtype)
-    logp = logprobs_from_logits(logits[:, :-1], targets.clamp(min=0))  # (B, T-1)
+    logp = head_logprobs(model, hidden[:, :-1], targets)  # (B, T-1) fp32, the LM head in chunks; -100: 0
+    mask = (targets != -100).to(logp.dtype)
     return -logp * mask, mask
 
 
