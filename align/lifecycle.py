@@ -79,9 +79,7 @@ def stop_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            if handler is not None:
-                signal.signal(s, handler)
+        _restore_handlers(previous)
         _received.clear()
 
 
@@ -94,9 +92,13 @@ def keep_signal_handlers() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            if handler is not None:
-                signal.signal(s, handler)
+        _restore_handlers(previous)
+
+
+def _restore_handlers(previous: dict) -> None:
+    for s, handler in previous.items():
+        if handler is not None:
+            signal.signal(s, handler)
 
 
 def stop_requested() -> bool:
