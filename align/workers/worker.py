@@ -55,9 +55,9 @@ class WorkerSpec:
         serves the reference (adapters off with LoRA; a frozen copy with full fine-tuning) and
         the rollout engine. reward_model_path: a `save_role("reward")` folder loaded into the
         reward role (frozen). critic_init_from_reward: copy the reward adapter and score head
-        into the critic's adapter and value head at start. optimizer: `adamw` (the trainer's
-        settings) or `sgd` (plain SGD at trainer.lr: updates proportional to the gradients, for
-        tests that compare gradients through the weights). merged_rollout: with a LoRA actor on an
+        into the critic's adapter and value head at start. The optimizer is the trainer's
+        (`trainer.optimizer`: AdamW, or plain SGD for tests that compare gradients through the
+        weights). merged_rollout: with a LoRA actor on an
         unquantized base, generate from a plain copy of the base with the actor's adapter merged
         in, refreshed at every weight sync (`rollout.merged_copy`); otherwise generate through
         the adapter on the shared weights. fast_decode: `rollout.fast_decode`, for the HF engine.
@@ -75,7 +75,6 @@ class WorkerSpec:
     forward_batch_size: int = 64
     seed: int = 0
     num_threads: int = 1
-    optimizer: str = "adamw"
     merged_rollout: bool = True
     fast_decode: bool = True
     rollout: RolloutConfig = RolloutConfig()
@@ -164,8 +163,7 @@ class ModelWorker:
 
                     tcfg = replace(tcfg, lr=spec.critic_lr)
                 params = self.model.trainable_parameters(role)
-                self.optimizers[role] = (torch.optim.SGD(params, lr=tcfg.lr) if spec.optimizer == "sgd"
-                                         else build_optimizer(params, tcfg))
+                self.optimizers[role] = build_optimizer(params, tcfg)
                 self.schedulers[role] = build_scheduler(self.optimizers[role], tcfg)
         self.model.train()
 

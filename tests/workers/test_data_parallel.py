@@ -36,9 +36,8 @@ def spec_for(stories_path: str) -> WorkerSpec:
     """Plain SGD: a weight change is lr x the (clipped) gradient, so comparing weights compares
     gradients. (Adam's first step is ~lr x sign(g) whatever the gradient's scale, which would
     hide a wrong loss normaliser.)"""
-    trainer = TrainerConfig(lr=0.5, warmup_steps=0, lr_scheduler="constant", max_grad_norm=1.0)
-    return WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune="lora"), trainer=trainer, roles=ROLES,
-                      optimizer="sgd")
+    trainer = TrainerConfig(lr=0.5, optimizer="sgd", warmup_steps=0, lr_scheduler="constant", max_grad_norm=1.0)
+    return WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune="lora"), trainer=trainer, roles=ROLES)
 
 
 def losses(micro: int) -> dict:

@@ -14,9 +14,9 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 
 
 def _spec(stories_path: str, merged: bool) -> WorkerSpec:
-    trainer = TrainerConfig(lr=0.5, warmup_steps=0, lr_scheduler="constant", max_grad_norm=1.0)
+    trainer = TrainerConfig(lr=0.5, optimizer="sgd", warmup_steps=0, lr_scheduler="constant", max_grad_norm=1.0)
     return WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune="lora"), trainer=trainer,
-                      roles=("actor",), optimizer="sgd", merged_rollout=merged)
+                      roles=("actor",), merged_rollout=merged)
 
 
 def _update(worker: ModelWorker, prompts) -> None:

@@ -27,9 +27,10 @@ TEMPERATURE = 0.7
 def spec_for(stories_path: str, max_grad_norm: float = 1.0) -> WorkerSpec:
     """Plain SGD (a weight change is lr x the gradient, so weights compare gradients), sampling and
     scoring at temperature 0.7."""
-    trainer = TrainerConfig(lr=0.5, warmup_steps=0, lr_scheduler="constant", max_grad_norm=max_grad_norm)
+    trainer = TrainerConfig(lr=0.5, optimizer="sgd", warmup_steps=0, lr_scheduler="constant",
+                            max_grad_norm=max_grad_norm)
     return WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune="lora"), trainer=trainer, roles=ROLES,
-                      optimizer="sgd", rollout=RolloutConfig(temperature=TEMPERATURE))
+                      rollout=RolloutConfig(temperature=TEMPERATURE))
 
 
 def _trained_actor(worker: ModelWorker, seed: int = 0) -> None:
