@@ -1,7 +1,7 @@
 """Hugging Face backend: batched, left-padded generation with the KV cache (the CPU default).
 
 Sampling (greedy, temperature, top-k, top-p) runs in our own decode loop over the model's KV
-cache rather than through `model.generate`, for three reasons: the raw log-prob of every sampled
+cache rather than through `model.generate`, for three reasons: the log-prob of every sampled
 token falls out of the same logits that chose it (no second pass, no processor bookkeeping); a
 seed drives a private `torch.Generator`, so seeded calls are reproducible and never touch the
 global RNG; and each row stops on its own stop token or stop string with its own finish reason.

@@ -40,7 +40,8 @@ class Experience:
     response_ids:  (B, R) int64 response tokens, right-padded.
     response_mask: (B, R) bool, True on real response tokens (the stop token included).
     group_ids:     (B,) int64, the prompt each row answers (rows of one prompt share an id).
-    rollout_logp:  (B, R) float32, the rollout engine's raw log-probs of the response tokens.
+    rollout_logp:  (B, R) float32, the rollout engine's log-probs of the response tokens,
+                   under the distribution it sampled from (logits / temperature: rollout.base).
     old_logp:      (B, R) log-probs under the policy before this iteration's updates (None:
                    not recomputed; on-policy updates use the live log-probs, detached).
     ref_logp:      (B, R) log-probs under the reference policy.
