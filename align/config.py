@@ -142,6 +142,11 @@ class TrainerConfig:
     run_name, project, group, tags: the tracker run's name (null: the output directory's name),
         project (W&B project, MLflow experiment, trackio project), group (W&B group; the pipeline
         groups its stages under its own name) and tags.
+    strategy: how `cluster.num_replicas` replicas share the work (align/engine): `single` (one
+        process holds everything: the CPU default, one replica), `ddp` (every replica holds the whole
+        model; gradients summed once per step) or `fsdp2` (parameters, gradients and optimizer state
+        sharded over the replicas with PyTorch FSDP2). Batch sizes are global: N replicas train on
+        the same examples per step as one.
     check_memory: at start-up, plan the run's memory (align/plan.py, `python -m align plan`) and
     `warn` when it will not fit this machine, refuse to start (`strict`), or skip the check (`off`).
     """
@@ -165,6 +170,7 @@ class TrainerConfig:
     num_threads: int = 0
     progress: bool = True
     precision: str = "fp32"
+    strategy: str = "single"
     optimizer: str = "adamw"
     loggers: Tuple[str, ...] = ("jsonl", "tensorboard")
     run_name: Optional[str] = None
@@ -174,10 +180,11 @@ class TrainerConfig:
     check_memory: str = "warn"
 
     def __post_init__(self):
-        from align.engine import PRECISIONS
+        from align.engine import PRECISIONS, STRATEGIES
         from align.trainers.trackers import check_loggers
 
         _one_of("trainer.precision", self.precision, PRECISIONS)
+        _one_of("trainer.strategy", self.strategy, STRATEGIES)
         _one_of("trainer.optimizer", self.optimizer, ("adamw", "sgd"))
         check_loggers(self.loggers)
         _positive("trainer.max_steps", self.max_steps)
@@ -669,14 +676,19 @@ class RunConfig:
 
     def __post_init__(self):
         name = getattr(self.algo, "name", "sft")
-        if self.cluster.num_replicas > 1 and name not in REPLICATED_ALGOS:
-            stage = "kto" if getattr(self.algo, "loss", None) == "kto" else name
+        n, strategy = self.cluster.num_replicas, self.trainer.strategy
+        if n > 1 and name not in REPLICATED_ALGOS:
             raise ConfigError(
-                f"cluster.num_replicas: {self.cluster.num_replicas} replicas are for the RL stages "
-                f"{list(REPLICATED_ALGOS)}; algo={stage} runs in one process (SFT, DPO, KTO and RM have no data "
-                f"parallelism yet), so the replicas would be ignored. Set cluster.num_replicas=1"
-                + (" and give RL stages theirs in algo.overrides" if name == "pipeline" else "")
+                f"cluster.num_replicas: algo={name} runs in one process, so {n} replicas would be ignored; "
+                f"data-parallel replicas are for {list(REPLICATED_ALGOS)}. Set cluster.num_replicas=1"
+                + (" and give each stage its replicas in algo.overrides" if name == "pipeline" else "")
             )
+        if n > 1 and strategy == "single":
+            raise ConfigError(f"trainer.strategy=single holds one replica, but cluster.num_replicas={n}: "
+                              "set trainer.strategy=ddp (whole model per replica) or fsdp2 (sharded)")
+        if n > 1 and name in ("sft", "rm", "dpo") and self.trainer.batch_size % n:
+            raise ConfigError(f"trainer.batch_size={self.trainer.batch_size} must be a multiple of "
+                              f"cluster.num_replicas={n}: each replica takes an equal share of every micro-batch")
         if isinstance(self.algo, RLConfig):
             _check_rl_sampling(self.rollout)
         m = self.model
@@ -691,8 +703,9 @@ class RunConfig:
 HALF_DTYPES = ("bfloat16", "bf16", "float16", "fp16")
 
 
-# Stages whose workers run as `cluster.num_replicas` data-parallel replicas (align/workers/group.py).
-REPLICATED_ALGOS = ("grpo", "ppo")
+# Stages that run as `cluster.num_replicas` data-parallel replicas: RL worker groups
+# (align/workers/group.py), SFT/RM/DPO/KTO as N copies of their driver (align/engine/spmd.py).
+REPLICATED_ALGOS = ("grpo", "ppo", "sft", "rm", "dpo")
 
 
 def _check_rl_sampling(r: RolloutConfig) -> None:

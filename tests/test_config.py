@@ -73,14 +73,25 @@ def test_importing_align_is_light():
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("algo", ["sft", "dpo", "kto", "rm", "quantize", "pipeline"])
+@pytest.mark.parametrize("algo", ["quantize", "pipeline", "eval"])
 def test_replicas_refused_for_single_process_stages(algo):
-    # Only the RL stages run data-parallel replicas; elsewhere the key used to be ignored silently.
-    with pytest.raises(ConfigError, match=rf"cluster\.num_replicas: 2 replicas .* algo={algo} runs in one process"):
-        compose([f"algo={algo}", "cluster.num_replicas=2"])
+    # These stages have no data parallelism; the key used to be ignored silently.
+    with pytest.raises(ConfigError, match=rf"cluster\.num_replicas: algo={algo} runs in one process"):
+        compose([f"algo={algo}", "cluster.num_replicas=2", "trainer.strategy=ddp"])
     assert compose([f"algo={algo}"])[0].cluster.num_replicas == 1
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_replicas_accepted_for_rl_stages(algo):
-    assert compose([f"algo={algo}", "cluster.num_replicas=2"])[0].cluster.num_replicas == 2
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "sft", "dpo", "kto", "rm"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_replicas_accepted_for_training_stages(algo, strategy):
+    cfg = compose([f"algo={algo}", "cluster.num_replicas=2", f"trainer.strategy={strategy}"])[0]
+    assert (cfg.cluster.num_replicas, cfg.trainer.strategy) == (2, strategy)
+
+
+def test_replicas_need_a_data_parallel_strategy_and_an_even_share():
+    with pytest.raises(ConfigError, match=r"trainer\.strategy=single holds one replica.*ddp.*fsdp2"):
+        compose(["algo=sft", "cluster.num_replicas=2"])
+    with pytest.raises(ConfigError, match=r"trainer\.strategy: 'zero3' is not one of"):
+        compose(["algo=sft", "trainer.strategy=zero3"])
+    with pytest.raises(ConfigError, match=r"trainer\.batch_size=3 must be a multiple of cluster\.num_replicas=2"):
+        compose(["algo=sft", "cluster.num_replicas=2", "trainer.strategy=fsdp2", "trainer.batch_size=3"])

@@ -1,11 +1,31 @@
-"""`TrainEngine`: precision, gradient reduction, clipping and the optimizer step.
+"""`TrainEngine`: the data-parallel strategy, precision, gradient reduction, clipping and the step.
 
-    engine = TrainEngine(precision="bf16-mixed", device="cuda")
-    engine.prepare(model)                  # trainable weights become fp32 master weights
-    with engine.autocast():                # forward in bf16
-        loss = ...
+    engine = TrainEngine(precision="bf16-mixed", device="cuda", strategy="fsdp2")
+    engine.prepare(model)                  # fp32 master weights; under fsdp2, the model is sharded
+    with engine.autocast():                # compute precision (a no-op under fsdp2: its policy casts)
+        loss = engine.forward(token_nll, model, batch)[0].sum()   # any function of the model
     loss.backward()
     grad_norm = engine.step(params, optimizer, max_grad_norm)   # reduce, clip, step
+
+Strategy (`trainer.strategy`; torchtitan and veRL's FSDP workers are the models):
+- `single`: one process holds the whole model (the CPU default). No process group.
+- `ddp`: every replica holds the whole model, gradients and optimizer state; after the step's
+  micro-batches the gradients are SUMmed over the replicas, one coalesced all-reduce per dtype
+  (DDP with `no_sync` over the accumulation, reduced once). Replicas may run different numbers
+  of micro-batches and forward paths, since nothing is hooked into the forward.
+- `fsdp2`: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard` over a 1-D DeviceMesh; Zhao et
+  al. 2023, "PyTorch FSDP", https://arxiv.org/abs/2304.11277). Each decoder layer (the model's
+  `_no_split_modules`, as veRL's wrap policy) is one unit, and a root unit over the whole model
+  holds the rest (embeddings, final norm, LM head, value and score heads). Parameters, gradients
+  and optimizer state are sharded on dim 0; a unit's parameters are all-gathered for its forward
+  and backward, and its gradients reduce-scattered (summed: the loss is already each replica's
+  share of the step's, see below). Every computation on the model goes through
+  `engine.forward(fn, ...)`, which runs `fn` inside the root unit's forward so that the root's
+  parameters are gathered even when `fn` reaches past `model.forward` (our chunked LM-head
+  log-probs read the head's weight directly). Hook-based sharding needs every replica to run
+  the same units the same number of times: the trainers give every replica the same number of
+  micro-batches (`align.engine.distributed.all_max`), and forward passes on empty shards are
+  not allowed.
 
 Precision (`trainer.precision`):
 - `fp32`: compute in the weights' dtype. A trainable weight stored in bf16/fp16 would be
@@ -13,74 +33,169 @@ Precision (`trainer.precision`):
   "Mixed Precision Training", https://arxiv.org/abs/1710.03740, Sec. 3.1), so the config refuses
   full fine-tuning of a half-precision `model.dtype` at fp32 (`align.config`).
 - `bf16-mixed`: trainable weights (and so AdamW's moments and the gradients) are fp32 master
-  copies; the forward runs under `torch.autocast(bfloat16)`, so matmuls compute in bf16 while
-  autocast keeps reductions and norms in fp32. Frozen weights (a LoRA base) stay in
-  `model.dtype`, their storage dtype. No loss scaling: bf16 has fp32's exponent range.
+  copies. Unsharded, the forward runs under `torch.autocast(bfloat16)`: matmuls in bf16,
+  reductions and norms in fp32. Under fsdp2 it is FSDP2's `MixedPrecisionPolicy`
+  (param_dtype=bf16, reduce_dtype=fp32): the gathered parameters are bf16 copies of the fp32
+  shards and gradients are reduced in fp32. Frozen weights (a LoRA base) stay in `model.dtype`,
+  their storage dtype. No loss scaling: bf16 has fp32's exponent range.
 
 Data parallelism: replica r's loss is its share of the whole batch's loss (a global normaliser,
-`align.core.loss_normaliser`), so `step` SUMs the gradients over the replicas' process group
-before clipping; every replica then takes the same step. The sum is one coalesced all-reduce
-per optimizer step, after all of the step's micro-batches, so replicas may run different
-numbers of micro-batches and forward paths (hook-based DDP/FSDP reduce per backward pass and
-need the same structure on every rank).
+`align.core.loss_normaliser`), so gradients are SUMmed over the replicas, never averaged; every
+replica then takes the same step, and N replicas equal one replica on the whole batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 PRECISIONS = ("fp32", "bf16-mixed")
+STRATEGIES = ("single", "ddp", "fsdp2")
+
+
+class _Root(nn.Module):
+    """The fsdp2 root unit: owns the model, and its forward runs any function of it, so that the
+    root's parameters are gathered for the function's duration (and its gradients reduced after
+    the backward that follows)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args, **kwargs):
+        return fn(*args, **kwargs)
 
 
 class TrainEngine:
     """The optimisation side of one model replica.
 
     precision: one of PRECISIONS. device: where the model's parameters are (its type picks the
-    autocast backend). world_size: data-parallel replicas in the default process group (1: none).
+    autocast backend and the mesh's device). strategy: one of STRATEGIES. world_size: replicas in
+    the default process group (None: read it from torch.distributed; 1 without a group).
     """
 
-    def __init__(self, precision: str = "fp32", device: str | torch.device = "cpu", world_size: int = 1):
+    def __init__(self, precision: str = "fp32", device: str | torch.device = "cpu", world_size: int | None = None,
+                 strategy: str = "single"):
+        from align.engine import distributed
+
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision: {precision!r} is not one of {list(PRECISIONS)}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"trainer.strategy: {strategy!r} is not one of {list(STRATEGIES)}")
         self.precision = precision
         self.device_type = torch.device(device).type
-        self.world_size = world_size
+        self.world_size = distributed.world_size() if world_size is None else world_size
+        if strategy == "single" and self.world_size > 1:
+            raise ValueError(f"trainer.strategy=single holds one replica, but {self.world_size} run: "
+                             "use trainer.strategy=ddp or fsdp2")
+        self.strategy = strategy
+        self._root: nn.Module | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp2"
 
     # ---- set-up ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Under bf16-mixed, make every trainable parameter an fp32 master weight (in place, before
-        the optimizer is built, so its states are fp32 too). Returns the model."""
+        """Apply the precision policy (under bf16-mixed every trainable parameter becomes an fp32
+        master weight) and the strategy (ddp: replicas start from rank 0's weights; fsdp2: shard),
+        in place, before the optimizer is built. Returns the model."""
         if self.precision == "bf16-mixed":
             for p in model.parameters():
                 if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
                     p.data = p.data.float()
+        if self.strategy == "ddp" and self.world_size > 1:
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for t in list(model.parameters()) + list(model.buffers()):
+                    dist.broadcast(t.data, src=0)
+        if self.strategy == "fsdp2":
+            self._root = self._shard(model)
         return model
+
+    def _shard(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device_type, (self.world_size,))
+        kw: dict[str, Any] = {"mesh": mesh}
+        if self.precision == "bf16-mixed":
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        blocks = set()
+        for m in model.modules():
+            blocks.update(getattr(m, "_no_split_modules", None) or ())
+        units = [m for m in model.modules() if type(m).__name__ in blocks]
+        for unit in units:
+            fully_shard(unit, **kw)
+        root = fully_shard(_Root(model), **kw)
+        for unit in units + [root]:
+            unit.set_gradient_divide_factor(1.0)  # the losses are shares of the step's: sum, not average
+            unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        return root
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        """The forward's compute precision: bf16 autocast under bf16-mixed, nothing under fp32."""
-        if self.precision == "bf16-mixed":
+        """The forward's compute precision: bf16 autocast under bf16-mixed (unsharded), nothing
+        under fp32 or fsdp2 (whose mixed-precision policy gathers bf16 parameters)."""
+        if self.precision == "bf16-mixed" and not self.sharded:
             with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
                 yield
         else:
             yield
 
+    def forward(self, fn: Callable[..., Any], *args, **kwargs):
+        """`fn(*args, **kwargs)`, a computation on the prepared model: inside the root unit's
+        forward under fsdp2 (see the module docstring), a plain call otherwise."""
+        if self._root is None:
+            return fn(*args, **kwargs)
+        out = self._root(fn, *args, **kwargs)
+        if not torch.is_grad_enabled():  # no backward will reshard the root's parameters
+            self._root.reshard()
+        return out
+
+    @contextlib.contextmanager
+    def gathered(self, model: nn.Module) -> Iterator[nn.Module]:
+        """`model` with whole parameters for the duration (fp32 masters gathered from their shards;
+        a collective: every replica enters it), for what reads weights outside a forward: saving,
+        exporting, building a merged rollout copy. Unsharded: the model as it is."""
+        if not self.sharded:
+            yield model
+            return
+        swaps, whole = [], {}
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and hasattr(p, "full_tensor"):
+                    if id(p) not in whole:  # tied weights stay tied
+                        whole[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+                    swaps.append((module, name, p))
+                    module._parameters[name] = whole[id(p)]
+        try:
+            yield model
+        finally:
+            for module, name, p in swaps:
+                module._parameters[name] = p
+
     # ---- the step ----------------------------------------------------------------------------
     def step(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
              max_grad_norm: float | None) -> float:
-        """Sum the gradients over the replicas, clip them to `max_grad_norm` (0 or None: no
-        clipping, the norm is still returned), step the optimizer and clear the gradients.
-        Returns the total gradient norm before clipping."""
+        """Sum the gradients over the replicas (ddp here; fsdp2 did it in backward), clip them to
+        `max_grad_norm` (0 or None: no clipping, the norm is still returned), step the optimizer
+        and clear the gradients. Returns the total gradient norm before clipping."""
         params = list(params)
-        self.reduce_gradients(params)
+        if self.strategy == "ddp":
+            self.reduce_gradients(params)
+        if self.sharded:  # a unit whose forward ran on no replica this step leaves no gradient
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return _scalar(grad_norm)
 
     def reduce_gradients(self, params: Sequence[nn.Parameter]) -> None:
         """SUM each gradient over the replicas (missing gradients count as zeros): one flat
@@ -102,3 +217,28 @@ class TrainEngine:
                 n = p.numel()
                 p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
                 offset += n
+
+
+def _scalar(t: torch.Tensor) -> float:
+    if hasattr(t, "full_tensor"):  # a DTensor (sharded gradients): the norm's value on every rank
+        t = t.full_tensor()
+    return float(t)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: gathered from the replicas when it is a shard (a collective:
+    every replica calls it, in the same order), itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def load_full_tensor(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole value into `param`, taking this replica's shard when the parameter is one."""
+    with torch.no_grad():
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                      src_data_rank=None)
+            param.copy_(value)
+        else:
+            param.copy_(value.to(param.device, param.dtype))

@@ -1,4 +1,7 @@
-"""One driver per algorithm; `run` dispatches on `algo.name` and imports only that driver."""
+"""One driver per algorithm; `run` dispatches on `algo.name` and imports only that driver.
+
+SFT, RM and DPO/KTO with `cluster.num_replicas > 1` run on that many Ray workers, each running
+the same driver on its share of every step (`align.engine.spmd`)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ TRAINERS = {
     "pipeline": "align.pipeline",
     "eval": "align.evaluation",
 }
+# Stages that run as N copies of their in-process driver (align/engine/spmd.py).
+SPMD_STAGES = ("sft", "rm", "dpo")
 
 
 def run(cfg, hydra_cfg=None):
@@ -21,4 +26,11 @@ def run(cfg, hydra_cfg=None):
     name = cfg.algo.name
     if name not in TRAINERS:
         raise ValueError(f"algo.name: unknown algorithm {name!r}; valid: {sorted(TRAINERS)}")
+    if name in SPMD_STAGES and cfg.cluster.num_replicas > 1:
+        from align.engine import distributed
+
+        if distributed.world_size() == 1:  # the launching process: start the replicas
+            from align.engine.spmd import run_replicated
+
+            return run_replicated(cfg, hydra_cfg)
     return importlib.import_module(TRAINERS[name]).train(cfg, hydra_cfg)

@@ -5,6 +5,11 @@ the optimizer and scheduler states, every RNG state and the trainer's own state 
 position) as JSON. It is written into a temporary folder first and renamed into place, so a
 SIGKILL mid-write leaves the previous checkpoints whole; `latest` names the newest complete one.
 No pickle: tensors go through safetensors or `torch.load(weights_only=True)`, the rest is JSON.
+
+Data-parallel replicas (align/engine): every replica calls `save` and `load` (under fsdp2 the
+weights and optimizer state are gathered from, and scattered back to, their shards: collectives),
+rank 0 alone writes. Weights and optimizer states are saved whole and keyed by parameter name, so
+a checkpoint resumes under any strategy and any number of replicas.
 """
 
 from __future__ import annotations
@@ -56,8 +61,46 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that training changes (all of them in full fine-tuning, the adapter's
-    with LoRA), cloned so tied weights do not share storage in the file."""
-    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    with LoRA), whole (gathered from their shards) and cloned so tied weights do not share
+    storage in the file."""
+    from align.engine import full_tensor
+
+    return {n: full_tensor(p.detach()).cpu().clone().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer`'s state keyed by parameter name, whole (gathered when sharded)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore a state from `optimizer_state` (or an older checkpoint's `optimizer.state_dict()`,
+    keyed by position) into `optimizer`, sharding it like the parameters."""
+    if all(isinstance(i, int) for g in state["param_groups"] for i in g["params"]):
+        optimizer.load_state_dict(state)
+        return
+    if any(hasattr(p, "device_mesh") for g in optimizer.param_groups for p in g["params"]):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    # Unsharded: name -> the optimizer's own positional ids (torch's setter needs a process group).
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups, by_id, position = [], {}, 0
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        ids = []
+        for p in group["params"]:
+            name = names[id(p)]
+            if name in state["state"]:
+                by_id[position] = state["state"][name]
+            ids.append(position)
+            position += 1
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
+    optimizer.load_state_dict({"state": by_id, "param_groups": groups})
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -68,9 +111,10 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
         raise RuntimeError(
             f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name].to(p.device, p.dtype))
+    from align.engine import load_full_tensor
+
+    for name, p in params.items():
+        load_full_tensor(p, state[name])
 
 
 class Checkpointer:
@@ -102,17 +146,24 @@ class Checkpointer:
         trainer_state: dict,
         extra_tensors: dict[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Write checkpoint `step` atomically and prune the oldest beyond `keep`."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Write checkpoint `step` atomically and prune the oldest beyond `keep` (every replica
+        calls it; rank 0 writes)."""
+        from align.engine import distributed
+
         final = self.root / f"step_{step}"
+        tensors = trainable_state(model)
+        optimizer_states = {k: optimizer_state(model, o) for k, o in optimizers.items()}
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 is writing
+            return final
+        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp_step_{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        tensors = trainable_state(model)
         if extra_tensors:
             tensors.update({f"extra::{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
         save_file(tensors, str(tmp / TRAINABLE))
-        torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / OPTIMIZER)
+        torch.save(optimizer_states, tmp / OPTIMIZER)
         torch.save({k: s.state_dict() for k, s in schedulers.items()}, tmp / SCHEDULER)
         plain, rng_tensors = rng_state()
         (tmp / RNG).write_text(json.dumps(plain))
@@ -126,6 +177,7 @@ class Checkpointer:
         pointer_tmp.write_text(final.name)
         os.replace(pointer_tmp, self.root / "latest")
         self._prune()
+        distributed.barrier()
         return final
 
     def load(
@@ -142,7 +194,7 @@ class Checkpointer:
         load_trainable_state(model, {k: v for k, v in tensors.items() if not k.startswith("extra::")})
         opt_states = torch.load(path / OPTIMIZER, weights_only=True)
         for k, o in optimizers.items():
-            o.load_state_dict(opt_states[k])
+            load_optimizer_state(model, o, opt_states[k])
         sched_states = torch.load(path / SCHEDULER, weights_only=True)
         for k, s in schedulers.items():
             s.load_state_dict(sched_states[k])

@@ -99,8 +99,14 @@ class EpochBatches:
 
 
 def prepare_output_dir(output_dir: str, run_cfg, hydra_cfg=None) -> Path:
-    """Create the run directory and write the resolved config (YAML and JSON) into it."""
+    """Create the run directory and write the resolved config (YAML and JSON) into it (rank 0 of
+    data-parallel replicas; the others wait for it)."""
+    from align.engine import distributed
+
     out = Path(output_dir)
+    if not distributed.is_main():
+        distributed.barrier()
+        return out
     out.mkdir(parents=True, exist_ok=True)
     if hydra_cfg is not None:
         from omegaconf import OmegaConf
@@ -109,6 +115,7 @@ def prepare_output_dir(output_dir: str, run_cfg, hydra_cfg=None) -> Path:
         resolved.pop("hydra", None)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     (out / "config.json").write_text(json.dumps(asdict(run_cfg), indent=1, default=str))
+    distributed.barrier()
     return out
 
 

@@ -114,6 +114,27 @@ class RunLogger:
         self._file.close()
 
 
+class NullLogger:
+    """What a data-parallel replica other than rank 0 logs: nothing (rank 0 writes the run's
+    metrics, progress and trackers). Same methods as `RunLogger`."""
+
+    def log(self, step: int, metrics: Mapping[str, object], *, advance: int = 0) -> None:
+        pass
+
+    def write(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run_logger(output_dir: str | os.PathLike, **kwargs) -> "RunLogger | NullLogger":
+    """A `RunLogger` on rank 0 (or without replicas), a `NullLogger` on the other replicas."""
+    from align.engine import distributed
+
+    return RunLogger(output_dir, **kwargs) if distributed.is_main() else NullLogger()
+
+
 def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
     """All rows of a run's metrics.jsonl."""
     path = Path(output_dir) / "metrics.jsonl"

@@ -20,7 +20,7 @@ import torch
 
 from align.config import RunConfig
 from align.core import masked_sum
-from align.engine import TrainEngine
+from align.engine import TrainEngine, distributed
 from align.lifecycle import save_or_stop
 from align.models.roles import head_logprobs, lm_backbone
 from align.trainers.checkpoint import Checkpointer
@@ -32,7 +32,7 @@ from align.trainers.common import (
     seed_everything,
     set_threads,
 )
-from align.trainers.metrics import RunLogger
+from align.trainers.metrics import run_logger
 from align.trainers.setup import build_policy, load_sft_data
 
 
@@ -68,6 +68,11 @@ def token_nll(model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, to
     return -logp * mask, mask
 
 
+def response_tokens(item: dict) -> int:
+    """Tokens of a tokenized SFT example that the loss scores (`SFTBatch.num_tokens` of one row)."""
+    return sum(1 for label in item["labels"][1:] if label != -100)
+
+
 def sft_loss(nll: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float) -> torch.Tensor:
     """The micro-batch's share of the step loss.
 
@@ -86,9 +91,9 @@ def evaluate(model: torch.nn.Module, batches: list[SFTBatch], engine: TrainEngin
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
+    for batch in batches:  # every replica runs every batch: the same result, the same collectives
         with engine.autocast() if engine is not None else contextlib.nullcontext():
-            nll, mask = token_nll(model, batch)
+            nll, mask = engine.forward(token_nll, model, batch) if engine is not None else token_nll(model, batch)
         total += float(nll.sum())
         count += int(mask.sum())
     model.train(was_training)
@@ -107,8 +112,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 2. Model and tokenizer: full fine-tuning, or a LoRA adapter over a frozen base.
     model, tokenizer = build_policy(cfg.model)
     model.train()
-    engine = TrainEngine(tcfg.precision, next(model.parameters()).device)
-    engine.prepare(model)
+    engine = TrainEngine(tcfg.precision, next(model.parameters()).device, strategy=tcfg.strategy)
+    engine.prepare(model)  # fp32 masters under bf16-mixed; sharded under fsdp2
 
     # 3. Data: read, split deterministically, tokenize with the prompt masked.
     data = load_sft_data(cfg.data, tokenizer)
@@ -131,7 +136,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
                              schedulers={"policy": scheduler})
         start = state["step"]
         order.load_state_dict(state["data"])
-    log = RunLogger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress,
+    log = run_logger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress,
                     desc="sft", headline=("loss", "val_loss", "tokens_per_s"), trainer=tcfg, started=started)
     log.write(data.stats_line)
     if resume_from is not None:
@@ -142,20 +147,24 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         log.log(0, {"val_loss": val_before})
 
     # 5. The loop: accumulate micro-batches, clip, step; evaluate and checkpoint periodically.
+    #    With N replicas every one draws the same micro-batches and trains on its share of each.
     val_loss = val_before
     for step in range(start + 1, tcfg.max_steps + 1):
         t0 = time.perf_counter()
-        micro = [collate([data.train[i] for i in order.next()]) for _ in range(tcfg.grad_accum)]
+        rows = [[data.train[i] for i in order.next()] for _ in range(tcfg.grad_accum)]
         normaliser = (
-            sum(b.num_tokens for b in micro) if algo.loss_agg == "token-mean" else sum(len(b.input_ids) for b in micro)
+            sum(response_tokens(r) for mb in rows for r in mb) if algo.loss_agg == "token-mean"
+            else sum(len(mb) for mb in rows)
         )
+        micro = [collate([mb[i] for i in distributed.shard_range(len(mb))]) for mb in rows]
         step_loss = 0.0
         for batch in micro:
             with engine.autocast():
-                nll, mask = token_nll(model, batch)
+                nll, mask = engine.forward(token_nll, model, batch)
             loss = sft_loss(nll, mask, algo.loss_agg, normaliser)
             loss.backward()
             step_loss += float(loss.detach())
+        step_loss, tokens = distributed.all_sum([step_loss, sum(int(b.attention_mask.sum()) for b in micro)])
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"sft: loss is {step_loss} at step {step}; last checkpoint kept in {ckpt.root}")
         grad_norm = engine.step([p for p in model.parameters() if p.requires_grad], optimizer, tcfg.max_grad_norm)
@@ -165,7 +174,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             "loss": step_loss,
             "grad_norm": float(grad_norm),
             "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": sum(int(b.attention_mask.sum()) for b in micro) / seconds,
+            "tokens_per_s": tokens / seconds,
             "epoch": order.epoch,
         }
         if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
@@ -177,9 +186,13 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             trainer_state={"data": order.state_dict(), "val_loss_before": val_before}), log)
     log.close()
 
-    # 6. Save the final model (or adapter) with its tokenizer, and the summary.
-    model.save_pretrained(out / "final")
-    tokenizer.save_pretrained(out / "final")
+    # 6. Save the final model (or adapter) with its tokenizer, and the summary (rank 0).
+    with engine.gathered(model):
+        if distributed.is_main():
+            model.save_pretrained(out / "final")
+            tokenizer.save_pretrained(out / "final")
+    if not distributed.is_main():
+        return {}
     summary = {
         "algo": "sft",
         "steps": tcfg.max_steps,
