@@ -172,12 +172,14 @@ class MultiHeadModel(RoleModel):
         self.score_head = make_head(hidden, bias=False, device=device) if "reward" in enabled else None
         self.pad_token_id = pad_token_id if pad_token_id is not None else base.config.pad_token_id
 
-        self._adapter_params: dict[str, list[nn.Parameter]] = {role: [] for role in self.roles}
-        for name, param in self.peft.named_parameters():
+        # Each role's adapter parameters by name: looked up when needed, since sharding (FSDP2)
+        # replaces the parameter objects.
+        self._adapter_names: dict[str, list[str]] = {role: [] for role in self.roles}
+        for name, _ in self.peft.named_parameters():
             parts = name.split(".")
             for i, part in enumerate(parts[:-1]):
                 if part in _LORA_SEGMENTS:
-                    self._adapter_params[parts[i + 1]].append(param)
+                    self._adapter_names[parts[i + 1]].append(name)
                     break
         self._set_active(first)
         self.train(base.training)  # peft's wrappers start in training mode; follow the base
@@ -205,9 +207,13 @@ class MultiHeadModel(RoleModel):
         # peft marks only the active adapter trainable, and none while adapters are disabled;
         # every role keeps its own optimizer, so all adapters stay trainable (an inactive one
         # simply receives no gradient).
-        for params in self._adapter_params.values():
+        for params in self._adapter_params().values():
             for p in params:
                 p.requires_grad_(True)
+
+    def _adapter_params(self) -> dict[str, list[nn.Parameter]]:
+        named = dict(self.peft.named_parameters())
+        return {role: [named[n] for n in names] for role, names in self._adapter_names.items()}
 
     def _set_active(self, role: str) -> None:
         if self.peft.active_adapter != role:
@@ -258,7 +264,7 @@ class MultiHeadModel(RoleModel):
     def trainable_parameters(self, role: str) -> list[nn.Parameter]:
         """The parameters `role`'s optimizer owns: its adapter, plus its head (critic, reward)."""
         check_role(role, self.roles)
-        params = list(self._adapter_params[role])
+        params = list(self._adapter_params()[role])
         if role in HEADS:
             params += list(getattr(self, HEADS[role]).parameters())
         return params

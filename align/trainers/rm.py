@@ -37,7 +37,7 @@ import torch
 
 from align.config import DataConfig, ModelConfig, RMConfig, RunConfig
 from align.core import bradley_terry_loss
-from align.engine import TrainEngine
+from align.engine import TrainEngine, distributed
 from align.lifecycle import save_or_stop
 from align.trainers.checkpoint import Checkpointer
 from align.trainers.common import (
@@ -48,7 +48,7 @@ from align.trainers.common import (
     seed_everything,
     set_threads,
 )
-from align.trainers.metrics import RunLogger
+from align.trainers.metrics import run_logger
 
 # bradley_terry_loss's statistics, under the names the logs use.
 STAT_NAMES = {"chosen_rewards": "scores/chosen", "rejected_rewards": "scores/rejected",
@@ -224,14 +224,18 @@ def pair_scores(model, batch: RMBatch, engine: TrainEngine | None = None) -> tup
     """(B,) fp32 scores of the chosen and of the rejected responses, from one (2B, T) forward in
     the engine's compute precision."""
     with engine.autocast() if engine is not None else contextlib.nullcontext():
-        scores = model.scores(batch.input_ids, batch.attention_mask).float()  # (2B,)
+        forward = engine.forward if engine is not None else (lambda fn, *a: fn(*a))
+        scores = forward(model.scores, batch.input_ids, batch.attention_mask).float()  # (2B,)
     return scores[: batch.num_pairs], scores[batch.num_pairs :]
 
 
-def step_loss(model, micro: list[RMBatch], engine: TrainEngine | None = None) -> tuple[float, dict]:
+def step_loss(model, micro: list[RMBatch], engine: TrainEngine | None = None,
+              n_pairs: int | None = None) -> tuple[float, dict]:
     """Forward and backward every micro-batch of one optimizer step; returns the step's loss
-    (the mean over all its pairs) and its statistics (pair-weighted means over the step)."""
-    n_pairs = sum(b.num_pairs for b in micro)
+    (the mean over all its pairs) and its statistics (pair-weighted means over the step).
+    n_pairs: the step's pairs over all data-parallel replicas (default: this replica's), each
+    replica's micro-batches holding its share; the returned figures are then the step's."""
+    n_pairs = n_pairs or sum(b.num_pairs for b in micro)
     total, stats = 0.0, {}
     for batch in micro:
         share = batch.num_pairs / n_pairs
@@ -240,7 +244,8 @@ def step_loss(model, micro: list[RMBatch], engine: TrainEngine | None = None) ->
         total += float(loss.detach()) * share
         for k, v in micro_stats.items():
             stats[STAT_NAMES[k]] = stats.get(STAT_NAMES[k], 0.0) + float(v) * share
-    return total, stats
+    total, *summed = distributed.all_sum([total, *stats.values()])
+    return total, dict(zip(stats, summed))
 
 
 @torch.no_grad()
@@ -288,8 +293,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 2. The reward role: a LoRA adapter + score head on the frozen base, or a full model + head.
     model, tokenizer = build_reward_model(cfg.model)
     model.train()
-    engine = TrainEngine(tcfg.precision, next(model.parameters()).device)
-    engine.prepare(model)
+    engine = TrainEngine(tcfg.precision, next(model.parameters()).device, strategy=tcfg.strategy)
+    engine.prepare(model)  # fp32 masters under bf16-mixed; sharded under fsdp2
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
 
     # 3. Data: pairs (with their margins), split deterministically, tokenized.
@@ -308,7 +313,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
                              schedulers={"reward": scheduler})
         start = state["step"]
         order.load_state_dict(state["data"])
-    log = RunLogger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress, desc="rm",
+    log = run_logger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress, desc="rm",
                     headline=("loss", "accuracy", "val/accuracy", "pairs_per_s"), trainer=tcfg, started=started)
     log.write(f"data: {data.stats_line}; train {len(data.train)} pairs, val {len(val_items)}; "
               f"model: {cfg.model.finetune}, margin: {algo.margin}")
@@ -323,8 +328,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     val_after = val_before
     for step in range(start + 1, tcfg.max_steps + 1):
         t0 = time.perf_counter()
-        micro = [collate([data.train[i] for i in order.next()], pad_id, device) for _ in range(tcfg.grad_accum)]
-        loss, stats = step_loss(model, micro, engine)
+        rows = [[data.train[i] for i in order.next()] for _ in range(tcfg.grad_accum)]  # every replica: the same
+        micro = [collate([mb[i] for i in distributed.shard_range(len(mb))], pad_id, device) for mb in rows]
+        loss, stats = step_loss(model, micro, engine, n_pairs=sum(len(mb) for mb in rows))  # this replica's share
         if not math.isfinite(loss):
             raise FloatingPointError(f"rm: loss is {loss} at step {step}; last checkpoint kept in {ckpt.root}")
         grad_norm = engine.step(model.trainable_parameters("reward"), optimizer, tcfg.max_grad_norm)
@@ -342,10 +348,14 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     log.close()
 
     # 6. The reward role (PPO's reward.model_path), the sequence-classifier export, the summary.
-    model.save_role("reward", str(out / "reward"))
-    tokenizer.save_pretrained(out / "reward")
-    if algo.export:
-        model.export_reward_model(str(out / "reward_model"), tokenizer)
+    with engine.gathered(model):
+        if distributed.is_main():
+            model.save_role("reward", str(out / "reward"))
+            tokenizer.save_pretrained(out / "reward")
+            if algo.export:
+                model.export_reward_model(str(out / "reward_model"), tokenizer)
+    if not distributed.is_main():
+        return {}
     summary = {"algo": "rm", "finetune": cfg.model.finetune, "margin": algo.margin, "steps": tcfg.max_steps,
                "val_before": val_before, "val_after": val_after, "train_pairs": len(data.train),
                "val_pairs": len(val_items), "data": data.stats, "reward_path": str(out / "reward"),
