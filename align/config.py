@@ -686,6 +686,11 @@ class RunConfig:
         if n > 1 and strategy == "single":
             raise ConfigError(f"trainer.strategy=single holds one replica, but cluster.num_replicas={n}: "
                               "set trainer.strategy=ddp (whole model per replica) or fsdp2 (sharded)")
+        if (strategy == "fsdp2" and name == "dpo" and not getattr(self.algo, "precompute_reference", True)
+                and self.model.finetune == "full"):
+            raise ConfigError("algo.precompute_reference=false with model.finetune=full keeps a frozen copy of the "
+                              "policy as the reference, which trainer.strategy=fsdp2 does not shard: precompute the "
+                              "reference (algo.precompute_reference=true, the default) or use LoRA")
         if n > 1 and name in ("sft", "rm", "dpo") and self.trainer.batch_size % n:
             raise ConfigError(f"trainer.batch_size={self.trainer.batch_size} must be a multiple of "
                               f"cluster.num_replicas={n}: each replica takes an equal share of every micro-batch")

@@ -47,6 +47,24 @@ def all_sum(values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
+def all_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the replicas, in place (a CPU tensor on gloo); `t` itself without a group."""
+    d = _dist()
+    if d:
+        d.all_reduce(t, op=d.ReduceOp.SUM)
+    return t
+
+
+def all_min(value: float) -> float:
+    """The smallest of the replicas' values (e.g. whether every replica found a cache entry)."""
+    d = _dist()
+    if not d:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    d.all_reduce(t, op=d.ReduceOp.MIN)
+    return float(t.item())
+
+
 def all_max(value: int) -> int:
     """The largest of the replicas' values (e.g. a micro-batch count every replica must run)."""
     d = _dist()

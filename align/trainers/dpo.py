@@ -42,7 +42,7 @@ import torch
 
 from align.config import DataConfig, DPOConfig, RunConfig
 from align.core import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, kto_reference_point, masked_mean
-from align.engine import TrainEngine
+from align.engine import TrainEngine, distributed
 from align.lifecycle import save_or_stop
 from align.trainers.checkpoint import Checkpointer
 from align.trainers.common import (
@@ -60,7 +60,7 @@ from align.trainers.logps import (
     response_logps,
     shared_prompt_logps,
 )
-from align.trainers.metrics import RunLogger
+from align.trainers.metrics import run_logger
 from align.trainers.reference import default_cache_dir, reference_logps, reference_mode
 from align.trainers.setup import build_policy
 
@@ -183,13 +183,23 @@ def precompute_reference(model, objective: "PreferenceObjective", groups: list[l
 
     def compute(m):
         chunks = [g[i : i + size] for g in groups for i in range(0, len(g), size)]
+        offsets = [0]
+        for chunk in chunks:
+            offsets.append(offsets[-1] + 2 * len(chunk))  # two sequences per item
+        out = torch.zeros(offsets[-1])
+        # Replica r runs chunks r, r + N, ...; one that runs out repeats chunk 0 (and drops it), so
+        # every replica runs as many forwards (fsdp2). Then the replicas' parts are summed.
+        rank, world = distributed.rank(), distributed.world_size()
+        rounds = -(-len(chunks) // world)
         with tqdm(total=len(items), desc="reference log-probs", unit="item", file=sys.stderr, dynamic_ncols=True,
-                  disable=not cfg.trainer.progress or len(chunks) <= 4) as bar:
-            out = []
-            for chunk in chunks:
-                out.append(objective.logps(m, collate(chunk, pad, device))[0])
-                bar.update(len(chunk))
-        return torch.cat(out)
+                  disable=not cfg.trainer.progress or rounds <= 4 or not distributed.is_main()) as bar:
+            for j in range(rounds):
+                i = rank + j * world
+                logps = objective.logps(m, collate(chunks[i if i < len(chunks) else 0], pad, device))[0]
+                if i < len(chunks):
+                    out[offsets[i] : offsets[i + 1]] = logps.float().cpu()
+                bar.update(sum(len(chunks[k]) for k in range(j * world, min((j + 1) * world, len(chunks)))))
+        return distributed.all_sum_tensor(out)
 
     layout = f"share_prompt={algo.share_prompt} chunks={size} groups={[len(g) for g in groups]}"
     cache_dir = (algo.reference_cache_dir or default_cache_dir()) if algo.reference_cache else None
@@ -298,8 +308,11 @@ def loss_options(algo: DPOConfig, loss_fn) -> dict:
 class PreferenceObjective:
     """The configured loss on batches: policy log-probs, reference log-probs, loss, statistics."""
 
-    def __init__(self, algo: DPOConfig, reference: OnlineReference | None):
+    def __init__(self, algo: DPOConfig, reference: OnlineReference | None, forward=None):
         self.algo, self.reference = algo, reference
+        # How a computation on the model runs: `TrainEngine.forward` (inside FSDP2's root unit
+        # when sharded), a plain call by default.
+        self.forward = forward or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
         self.loss_fn = PREFERENCE_LOSSES.get(algo.loss)
         self.options = loss_options(algo, self.loss_fn)
         self.uses_reference = algo.loss not in REFERENCE_FREE_LOSSES
@@ -309,9 +322,9 @@ class PreferenceObjective:
         """(2B,) summed log-probs and lengths of every sequence of the batch, in `item_sequences`
         order: chosen, rejected of each pair; or completion, mismatched completion of each example."""
         if isinstance(batch, PairBatch):
-            return self.pair_logps(model, **batch.tensors, k=2)
-        main = response_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
-        kl = response_logps(model, batch.kl_input_ids, batch.kl_attention_mask, batch.kl_loss_mask)
+            return self.forward(self.pair_logps, model, **batch.tensors, k=2)
+        main = self.forward(response_logps, model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+        kl = self.forward(response_logps, model, batch.kl_input_ids, batch.kl_attention_mask, batch.kl_loss_mask)
         return torch.stack([main[0], kl[0]], 1).reshape(-1), torch.stack([main[1], kl[1]], 1).reshape(-1)
 
     def reference_logps(self, batch: PairBatch | UnpairedBatch) -> torch.Tensor | None:
@@ -350,14 +363,19 @@ class PreferenceObjective:
         return loss, stats
 
     def kto_point(self, model, micro: list[UnpairedBatch], refs: list[torch.Tensor]) -> torch.Tensor:
-        """z0 for the whole step, from every micro-batch's mismatched pairs, without gradient."""
+        """z0 for the whole step, from every micro-batch's mismatched pairs (on every replica),
+        without gradient."""
         with torch.no_grad():
-            policy = torch.cat([response_logps(model, b.kl_input_ids, b.kl_attention_mask, b.kl_loss_mask)[0]
-                                for b in micro])
-        return kto_reference_point(policy, torch.cat([ref[1::2] for ref in refs]))
+            policy = torch.cat([self.forward(response_logps, model, b.kl_input_ids, b.kl_attention_mask,
+                                             b.kl_loss_mask)[0] for b in micro])
+        ref = torch.cat([r[1::2] for r in refs])
+        if distributed.world_size() == 1:
+            return kto_reference_point(policy, ref)
+        total, count = distributed.all_sum([float((policy - ref).sum()), len(policy)])
+        return torch.tensor(total / count).clamp_min(0)  # kto_reference_point over every replica's pairs
 
     def unpaired_step_share(self, model, batch: UnpairedBatch, ref: torch.Tensor, z0: torch.Tensor, share: float):
-        logps, _ = response_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)  # (B,)
+        logps, _ = self.forward(response_logps, model, batch.input_ids, batch.attention_mask, batch.loss_mask)  # (B,)
         loss, stats = self.loss_fn(logps, ref[0::2], batch.desirable, z0, beta=self.algo.beta, **self.options)
         out = {STAT_NAMES.get(k, k): v for k, v in stats.items()}
         out.update({"logps/chosen": masked_mean(logps.detach(), batch.desirable),
@@ -365,27 +383,34 @@ class PreferenceObjective:
         return loss * share, out
 
 
-def step_loss(objective: PreferenceObjective, model, micro: list) -> tuple[float, dict]:
+def step_loss(objective: PreferenceObjective, model, micro: list, step_items: int | None = None) -> tuple[float, dict]:
     """Forward and backward every micro-batch of one optimizer step; returns the step's loss and
-    its statistics (means over the step)."""
+    its statistics (means over the step). step_items: the step's pairs (or examples) over all
+    data-parallel replicas, each replica's micro-batches holding its share (default: these)."""
+    sizes = [len(b.prompt_ids) if isinstance(b, PairBatch) else len(b.input_ids) for b in micro]
+    step_items = step_items or sum(sizes)
     if isinstance(micro[0], PairBatch):
         chosen_tokens = [b.chosen_tokens for b in micro]
-        parts = (objective.pair_step_share(model, b, 1 / len(micro), n / sum(chosen_tokens))
-                 for b, n in zip(micro, chosen_tokens))
+        all_tokens = distributed.all_sum([sum(chosen_tokens)])[0]
+        parts = (objective.pair_step_share(model, b, n / step_items, t / all_tokens)
+                 for b, n, t in zip(micro, sizes, chosen_tokens))
     else:
         refs = [objective.reference_logps(b) for b in micro]  # (2B,) each: example, mismatched twin
         z0 = objective.kto_point(model, micro, refs)
-        parts = (objective.unpaired_step_share(model, b, ref, z0, 1 / len(micro)) for b, ref in zip(micro, refs))
+        parts = (objective.unpaired_step_share(model, b, ref, z0, n / step_items)
+                 for b, ref, n in zip(micro, refs, sizes))
     total, stats = 0.0, {}
-    for loss, micro_stats in parts:
+    for (loss, micro_stats), n in zip(parts, sizes):
         loss.backward()
         total += float(loss.detach())
         for k, v in micro_stats.items():
-            stats[k] = stats.get(k, 0.0) + float(v) / len(micro)
-    return total, stats
+            stats[k] = stats.get(k, 0.0) + float(v) * n / step_items
+    total, *summed = distributed.all_sum([total, *stats.values()])
+    return total, dict(zip(stats, summed))
 
 
-def prepare_reference(model, groups: list[list[dict]], cfg: RunConfig, tokenizer) -> tuple[OnlineReference | None, str]:
+def prepare_reference(model, groups: list[list[dict]], cfg: RunConfig, tokenizer,
+                      forward=None) -> tuple[OnlineReference | None, str]:
     """Precompute the reference log-probs into the items of `groups` (`algo.precompute_reference`),
     or make the per-batch reference; neither for a reference-free loss. Returns it and a note for
     the log.
@@ -402,7 +427,7 @@ def prepare_reference(model, groups: list[list[dict]], cfg: RunConfig, tokenizer
     if not algo.precompute_reference:
         return OnlineReference(model, lora=cfg.model.finetune == "lora"), "computed per batch"
     t0 = time.perf_counter()
-    hit = precompute_reference(model, PreferenceObjective(algo, None), groups, cfg, tokenizer)
+    hit = precompute_reference(model, PreferenceObjective(algo, None, forward), groups, cfg, tokenizer)
     counts = " + ".join(str(len(g)) for g in groups)
     return None, f"{'read from cache' if hit else 'precomputed'} for {counts} items in {time.perf_counter() - t0:.1f}s"
 
@@ -476,8 +501,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     model, tokenizer = build_policy(cfg.model)
     model.train()
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
-    engine = TrainEngine(tcfg.precision, device)  # every forward below runs in its compute precision
-    engine.prepare(model)
+    engine = TrainEngine(tcfg.precision, device, strategy=tcfg.strategy)  # every forward below runs through it
+    engine.prepare(model)  # fp32 masters under bf16-mixed; sharded under fsdp2
 
     # 3. Data: pairs (or unpaired KTO examples), split deterministically, tokenized.
     data = load_preference_data(cfg.data, algo, tokenizer, cfg.seed)
@@ -489,8 +514,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     #    cache; or a per-batch reference; none for reference-free losses.
     visited = [data.train[i] for i in visited_items(order, tcfg.max_steps * tcfg.grad_accum)]
     with engine.autocast():
-        reference, ref_note = prepare_reference(model, [visited, val_items], cfg, tokenizer)
-    objective = PreferenceObjective(algo, reference)
+        reference, ref_note = prepare_reference(model, [visited, val_items], cfg, tokenizer, engine.forward)
+    objective = PreferenceObjective(algo, reference, engine.forward)
 
     # 5. Optimizer, schedule, and resume from the newest checkpoint when there is one.
     optimizer = build_optimizer(model.named_parameters(), tcfg)
@@ -503,7 +528,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
                              schedulers={"policy": scheduler})
         start = state["step"]
         order.load_state_dict(state["data"])
-    log = RunLogger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress, desc=f"dpo/{algo.loss}",
+    log = run_logger(out, total_steps=tcfg.max_steps, start_step=start, progress=tcfg.progress, desc=f"dpo/{algo.loss}",
                     headline=("loss", "rewards/accuracy", "val/rewards/accuracy", "samples_per_s"),
                     trainer=tcfg, started=started)
     log.write(f"data: {data.stats_line}; train {len(data.train)} items, val {len(val_items)}; reference: {ref_note}")
@@ -518,9 +543,10 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 6. The loop: micro-batches -> loss share -> backward; clip, step; evaluate, checkpoint.
     for step in range(start + 1, tcfg.max_steps + 1):
         t0 = time.perf_counter()
-        micro = [collate([data.train[i] for i in order.next()], pad_id, device) for _ in range(tcfg.grad_accum)]
-        with engine.autocast():
-            loss, stats = step_loss(objective, model, micro)
+        rows = [[data.train[i] for i in order.next()] for _ in range(tcfg.grad_accum)]  # every replica: the same
+        micro = [collate([mb[i] for i in distributed.shard_range(len(mb))], pad_id, device) for mb in rows]
+        with engine.autocast():  # each replica: its share of every micro-batch
+            loss, stats = step_loss(objective, model, micro, step_items=sum(len(mb) for mb in rows))
         if not math.isfinite(loss):
             raise FloatingPointError(f"dpo: loss is {loss} at step {step}; last checkpoint kept in {ckpt.root}")
         grad_norm = engine.step([p for p in model.parameters() if p.requires_grad], optimizer, tcfg.max_grad_norm)
@@ -538,9 +564,13 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             trainer_state={"data": order.state_dict(), "val_before": val_before, "val_after": val_after}), log)
     log.close()
 
-    # 7. Save the final model (or adapter) with its tokenizer, and the summary.
-    model.save_pretrained(out / "final")
-    tokenizer.save_pretrained(out / "final")
+    # 7. Save the final model (or adapter) with its tokenizer, and the summary (rank 0).
+    with engine.gathered(model):
+        if distributed.is_main():
+            model.save_pretrained(out / "final")
+            tokenizer.save_pretrained(out / "final")
+    if not distributed.is_main():
+        return {}
     summary = {"algo": "dpo", "loss": algo.loss, "steps": tcfg.max_steps, "val_before": val_before,
                "val_after": val_after, "train_items": len(data.train), "val_items": len(val_items),
                "reference": ref_note, "reference_items": sum("ref" in x for x in data.train + val_items),

@@ -132,14 +132,17 @@ def reference_logps(model: torch.nn.Module, seqs: Sequence[Seq], compute: Callab
     `cache_dir=None` disables the disk cache. `model` must still hold the reference weights
     (with full fine-tuning, call this before any update).
     """
+    from align.engine import distributed
+
     key = cache_key(model_cfg, getattr(tokenizer, "name_or_path", ""), seqs, layout) if cache_dir is not None else None
     if key is not None:
         cached = load_cached(Path(cache_dir), key, len(seqs))
-        if cached is not None:
+        # Data-parallel replicas compute together (their forwards are collectives) unless all hit.
+        if distributed.all_min(cached is not None):
             return cached, True
     with reference_mode(model):
         logps = compute(model).float().cpu()
-    if key is not None:
+    if key is not None and distributed.is_main():
         save_cached(Path(cache_dir), key, logps, {"model": model_cfg.name_or_path, "sequences": len(seqs),
                                                    "layout": layout, "what": description})
     return logps, False
