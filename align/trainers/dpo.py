@@ -182,23 +182,25 @@ def precompute_reference(model, objective: "PreferenceObjective", groups: list[l
     items = [x for group in groups for x in group]
 
     def compute(m):
-        chunks = [g[i : i + size] for g in groups for i in range(0, len(g), size)]
-        offsets = [0]
-        for chunk in chunks:
-            offsets.append(offsets[-1] + 2 * len(chunk))  # two sequences per item
-        out = torch.zeros(offsets[-1])
-        # Replica r runs chunks r, r + N, ...; one that runs out repeats chunk 0 (and drops it), so
-        # every replica runs as many forwards (fsdp2). Then the replicas' parts are summed.
+        # Replica r runs chunks r, r + N, ... of each group; one that runs out repeats the group's
+        # first chunk (and drops it), so every replica runs the same forwards (fsdp2: KTO's
+        # held-out pairs and training examples take different passes). Then the parts are summed.
         rank, world = distributed.rank(), distributed.world_size()
-        rounds = -(-len(chunks) // world)
-        with tqdm(total=len(items), desc="reference log-probs", unit="item", file=sys.stderr, dynamic_ncols=True,
-                  disable=not cfg.trainer.progress or rounds <= 4 or not distributed.is_main()) as bar:
-            for j in range(rounds):
+        out, offset, runs = torch.zeros(2 * len(items)), 0, []  # two sequences per item
+        for g in groups:
+            chunks = [g[i : i + size] for i in range(0, len(g), size)]
+            starts = [offset + 2 * i for i in range(0, len(g), size)]
+            offset += 2 * len(g)
+            for j in range(-(-len(chunks) // world)):
                 i = rank + j * world
-                logps = objective.logps(m, collate(chunks[i if i < len(chunks) else 0], pad, device))[0]
-                if i < len(chunks):
-                    out[offsets[i] : offsets[i + 1]] = logps.float().cpu()
-                bar.update(sum(len(chunks[k]) for k in range(j * world, min((j + 1) * world, len(chunks)))))
+                runs.append((chunks[i], starts[i]) if i < len(chunks) else (chunks[0], None))
+        with tqdm(total=len(items), desc="reference log-probs", unit="item", file=sys.stderr, dynamic_ncols=True,
+                  disable=not cfg.trainer.progress or len(runs) <= 4 or not distributed.is_main()) as bar:
+            for chunk, start in runs:
+                logps = objective.logps(m, collate(chunk, pad, device))[0]
+                if start is not None:
+                    out[start : start + len(logps)] = logps.float().cpu()
+                bar.update(len(chunk) * world)
         return distributed.all_sum_tensor(out)
 
     layout = f"share_prompt={algo.share_prompt} chunks={size} groups={[len(g) for g in groups]}"

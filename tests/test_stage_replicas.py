@@ -1,0 +1,117 @@
+"""SFT, RM, DPO and KTO on 2 data-parallel replicas (ddp and fsdp2, gloo on CPU) train exactly
+as 1 replica on the whole batch: the same logged losses at every step and the same weights
+after it, with LoRA and with full fine-tuning; checkpoints resume under another replica count;
+`python -m align ... cluster.num_replicas=2` runs the replicas as Ray workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.config import compose
+from align.trainers import run
+from align.trainers.metrics import read_metrics
+from tests._dist import run_replicas, trainable_tensors
+
+COMMON = [
+    "data.limit=48", "data.val_size=8", "data.max_length=96", "data.max_prompt_length=64",
+    "data.max_response_length=32", "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.eval_batches=2",
+    "trainer.progress=false", "trainer.num_threads=1", "trainer.warmup_steps=0", "trainer.max_steps=3",
+    "trainer.save_every=3", "trainer.eval_every=3", "trainer.check_memory=off", "trainer.loggers=[jsonl]",
+    # SGD: a step is lr x the gradient, so equal weights mean equal gradients (Adam's first step is ~sign(g))
+    "trainer.optimizer=sgd", "trainer.lr=0.5",
+]
+STAGES = {
+    "sft": ["algo=sft"],
+    "rm": ["algo=rm"],
+    "dpo": ["algo=dpo", "algo.reference_cache=false"],
+    "kto": ["algo=kto", "algo.reference_cache=false"],
+}
+LOSS_KEYS = ("loss", "val_loss", "val/loss", "accuracy", "rewards/margins", "val/rewards/margins", "grad_norm")
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _single(out: Path, overrides: list[str]) -> None:
+    cfg, raw = compose([*COMMON, *overrides, f"output_dir={out}"])
+    run(cfg, raw)
+
+
+def _weights(out: Path, step: int) -> dict:
+    return trainable_tensors(out / "checkpoints" / f"step_{step}" / "trainable.safetensors")
+
+
+def _assert_same_run(a: Path, b: Path, step: int, tol: float = 1e-5) -> None:
+    rows_a, rows_b = read_metrics(a), read_metrics(b)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    compared = 0
+    for ra, rb in zip(rows_a, rows_b):
+        for k in LOSS_KEYS:
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], rel=tol, abs=tol), (ra["step"], k)
+                compared += 1
+    assert compared >= 4
+    wa, wb = _weights(a, step), _weights(b, step)
+    assert sorted(wa) == sorted(wb) and wa
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("stage,finetune,strategy", [
+    ("sft", "full", "fsdp2"),
+    ("sft", "lora", "ddp"),
+    ("rm", "lora", "fsdp2"),
+    ("rm", "full", "ddp"),
+    ("dpo", "lora", "fsdp2"),
+    ("dpo", "full", "fsdp2"),
+    ("kto", "lora", "fsdp2"),
+])
+def test_two_replicas_equal_one_on_the_whole_batch(tmp_path, one_thread, stage, finetune, strategy):
+    model = ["model=stories260k_lora"] if finetune == "lora" else ["model.finetune=full"]
+    overrides = [*STAGES[stage], *model]
+    _single(tmp_path / "one", overrides)
+    run_replicas([*COMMON, *overrides, f"trainer.strategy={strategy}", "cluster.num_replicas=2",
+                  f"output_dir={tmp_path / 'two'}"])
+    _assert_same_run(tmp_path / "one", tmp_path / "two", step=3)
+    # rank 0 alone wrote the outputs, and the exported model loads
+    assert (tmp_path / "two" / "summary.json").exists()
+    assert len(read_metrics(tmp_path / "two")) == len(read_metrics(tmp_path / "one"))
+
+
+def test_fsdp2_checkpoint_resumes_on_one_replica(tmp_path, one_thread):
+    # 2 fsdp2 replicas train steps 1-2 and checkpoint (sharded weights and optimizer state gathered
+    # by name); one process resumes them to step 4: the same as one process all along.
+    overrides = ["algo=sft", "model=stories260k_lora", "trainer.max_steps=4", "trainer.save_every=2",
+                 "trainer.eval_every=2", "trainer.optimizer=adamw", "trainer.lr=1e-2"]
+    _single(tmp_path / "one", overrides)
+    two = tmp_path / "two"
+    run_replicas([*COMMON, *overrides, "trainer.max_steps=2", "trainer.strategy=fsdp2", "cluster.num_replicas=2",
+                  f"output_dir={two}"])
+    assert json.loads((two / "checkpoints" / "step_2" / "trainer_state.json").read_text())["step"] == 2
+    _single(two, overrides)  # resume=auto: continues from step 2, unsharded
+    _assert_same_run(tmp_path / "one", two, step=4)
+
+
+def test_replicas_through_ray_from_the_command_line(tmp_path):
+    # The user's command: Ray starts 2 workers, each an fsdp2 replica; rank 0 writes the run.
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "align", "algo=sft", *COMMON, "trainer.strategy=fsdp2", "cluster.num_replicas=2",
+           f"output_dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SFT done" in proc.stdout
+    _single(tmp_path / "one", ["algo=sft"])
+    _assert_same_run(tmp_path / "one", out, step=3)
+    assert (out / "final" / "model.safetensors").exists()
