@@ -86,7 +86,10 @@ def run_replicated(cfg, hydra_cfg=None) -> dict:
         try:
             addr, port = ray.get(actors[0].rendezvous_address.remote(), timeout=cluster.worker_start_timeout_s)
             refs = [a.run.remote(addr, port, cfg, hydra_cfg) for a in actors]
-            return _first_result(refs, cfg.algo.name)[0]
+            summary = _first_result(refs, cfg.algo.name)[0]
+            # rank 0's own closing line travels through Ray's log forwarding, which may not flush in time
+            print(f"{cfg.algo.name} done on {n} replicas ({cfg.trainer.strategy}); outputs in {cfg.output_dir}", flush=True)
+            return summary
         finally:
             for a in actors:
                 ray.kill(a, no_restart=True)
