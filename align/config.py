@@ -242,6 +242,9 @@ class RewardConfig:
     model's reward role), or a Hugging Face sequence classifier with one output, folder or hub id,
     of any size, architecture and tokenizer (`align.models.scorer`: it reads the prompt and response
     as text, through its own chat template; in split placement its workers load nothing else).
+    name may be your own code, no registration needed: `path/to/file.py:fn` or `package.module:fn`
+    (a class is built with `options`; rewards/loading.py). A relative file is found in the cwd or
+    on sys.path, so a file in a Ray job's working directory loads on the driver and the workers.
     """
 
     name: Optional[str] = "story"

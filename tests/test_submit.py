@@ -190,6 +190,29 @@ def test_failing_job_gives_nonzero_exit_and_readable_logs(ray_head, tmp_path):
     assert "trainer.lr_scheduler" in record["logs"] and "cosin" in record["logs"]
 
 
+def test_job_scores_with_a_reward_file_uploaded_in_its_working_dir(ray_head, tmp_path):
+    """`reward.name=my_rewards.py:score`: the file is in the job's working directory (uploaded by
+    the launcher with --working-dir), not in this project; the job's driver loads it there."""
+    address, env = ray_head
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my_rewards.py").write_text(
+        "def score(prompts, responses, **metadata):\n    return [42.0 for _ in responses]\n")
+    out_dir = tmp_path / "run"
+    job_id = f"align-test-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "submit.py"), "--address", address, "--job-id", job_id,
+         "--timeout", "300", "--working-dir", str(work), "--env", f"PYTHONPATH={ROOT}",
+         "algo=eval", "reward.name=my_rewards.py:score", "data.limit=2", "algo.n=1", "algo.k=[1]",
+         "rollout.max_new_tokens=4", "trainer.progress=false", "trainer.num_threads=1", f"output_dir={out_dir}"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=330,
+    )
+    assert done.returncode == 0, f"launcher failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    rows = [json.loads(line) for line in (out_dir / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["scores"] == [42.0] for r in rows), rows
+    assert json.loads((out_dir / "summary.json").read_text())["reward"] == "my_rewards.py:score"
+
+
 class _FakeJobs:
     """The slice of JobSubmissionClient that `follow` uses, with scripted answers."""
 
