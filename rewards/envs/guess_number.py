@@ -1,7 +1,8 @@
 """Guess the number: a multi-turn game with a deterministic checker.
 
 The row's `target` (or, without one, a number drawn from a hash of the prompt, so an episode is
-reproducible) lies in [low, high]. Each assistant turn is read for its first integer; the
+reproducible) lies in [low, high]. Each assistant turn is read for its first integer, in digits
+or as an English word up to twenty ("three": small models write words before digits); the
 observation is "higher", "lower" or "correct", or a hint when the turn has no number. Reward 1
 when it is guessed (minus `turn_penalty` per turn taken, to favour few turns), else 0.
 """
@@ -14,7 +15,9 @@ from typing import Any
 
 from rewards.envs.base import Step, register_env
 
-_INT = re.compile(r"-?\d+")
+_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+          "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+_NUMBER = re.compile(r"-?\d+|\b(?:" + "|".join(_WORDS) + r")\b", re.IGNORECASE)
 
 
 @register_env("guess_number")
@@ -34,11 +37,12 @@ class GuessNumber:
 
     def step(self, turn: str) -> Step:
         self.turns += 1
-        found = _INT.search(turn)
+        found = _NUMBER.search(turn)
         if found is None:
             return Step(f"Please answer with a number between {self.low} and {self.high}.", 0.0, False,
                         {"valid": 0.0})
-        guess = int(found.group())
+        text = found.group().lower()
+        guess = _WORDS.index(text) if text in _WORDS else int(text)
         if guess == self.target:
             return Step("correct", max(0.0, 1.0 - self.turn_penalty * (self.turns - 1)), True,
                         {"valid": 1.0, "solved": 1.0})

@@ -76,8 +76,8 @@ def test_malformed_and_unknown_tool_calls_are_observations_not_crashes():
 
 def test_guess_number_gives_higher_lower_and_rewards_the_hit():
     env = get_env("guess_number", row={"prompt": "p", "target": 7}, low=1, high=10, turn_penalty=0.1)
-    assert env.step("five").observation.startswith("Please answer with a number")
-    assert (env.step("5").observation, env.step("I say 9").observation) == ("higher", "lower")
+    assert env.step("no idea").observation.startswith("Please answer with a number")
+    assert (env.step("5").observation, env.step("I say Nine cats").observation) == ("higher", "lower")
     hit = env.step("7")
     assert hit.done and hit.observation == "correct" and hit.reward == pytest.approx(1.0 - 0.1 * 3)
 
