@@ -409,8 +409,9 @@ class RLRun:
 
 
 def episode_metrics(episodes: Sequence[dict]) -> dict[str, float]:
-    """env/*: mean turns, success (reward > 0), and with tools the calls per episode and the
-    fraction of calls that parsed and ran (tool-call validity)."""
+    """env/*: mean turns, success (reward > 0), with tools the calls per episode and the fraction
+    of calls that parsed and ran (tool-call validity), and the mean of each other number an
+    environment reports in `Step.info` (summed over the episode's turns)."""
     if not episodes:
         return {}
     n = len(episodes)
@@ -420,6 +421,8 @@ def episode_metrics(episodes: Sequence[dict]) -> dict[str, float]:
     if any("tool_calls" in e for e in episodes):
         out["env/tool_calls"] = calls / n
         out["env/tool_validity"] = 1.0 - sum(e.get("tool_errors", 0.0) for e in episodes) / calls if calls else 1.0
+    for key in sorted({k for e in episodes for k in e} - {"reward", "turns", "tool_calls", "tool_errors"}):
+        out[f"env/{key}"] = sum(e.get(key, 0.0) for e in episodes) / n
     return out
 
 

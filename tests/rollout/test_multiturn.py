@@ -158,3 +158,37 @@ def test_tool_schemas_reach_the_prompt_through_the_template(stories):
     env_tools = [{"type": "function", "function": {"name": "calculator", "parameters": {}}}]
     text = tok.decode(prompt_ids(tok, "What is 2+2?", env_tools, 512))
     assert '"name": "calculator"' in text and text.rstrip().endswith("<|assistant|>")
+
+
+# A ChatML template in the shape of Qwen2.5's: tool schemas in the system turn, tool results as
+# <tool_response> blocks in a user turn, each turn closed by <|im_end|> and a newline.
+CHATML = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_observation_tokens_under_a_chatml_template(stories):
+    """The model stops on <|im_end|>: the environment adds the template's "\\n" after it, the tool
+    result as the template renders it, and the next generation prompt; cut by length, the whole
+    close ("<|im_end|>\\n") comes first."""
+    import copy
+
+    _, base = stories
+    tok = copy.deepcopy(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    tools = [{"type": "function", "function": {"name": "calculator"}}]
+    obs = [{"role": "tool", "name": "calculator", "content": "31"}]
+    expected = "\n<|im_start|>user\n<tool_response>\n31\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(observation_ids(tok, obs, tools, im_end)) == expected
+    assert tok.decode(observation_ids(tok, obs, tools, None)) == "<|im_end|>" + expected
+    from rollout.multiturn import prompt_ids
+
+    first = tok.decode(prompt_ids(tok, "What is 48/2+7?", tools, 512))
+    assert first.startswith("<s><|im_start|>system\nTools:") and '"name": "calculator"' in first
+    assert first.endswith("<|im_end|>\n<|im_start|>assistant\n")
