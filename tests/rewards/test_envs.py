@@ -137,3 +137,17 @@ def test_remote_environment_unreachable_fails_after_retries():
     with pytest.raises(RemoteRewardError, match="failed after 2 attempts"):
         get_env("remote", row={}, url="http://127.0.0.1:9", timeout=1, retries=1, backoff=0.01)
     assert time.perf_counter() - t0 < 10
+
+
+def test_an_environment_breaking_the_protocol_is_named():
+    from rewards.envs import check_step
+
+    assert check_step(("obs", 1.0, True), "gym-like") == Step("obs", 1.0, True)
+    with pytest.raises(EnvError, match=r"environment 'mine' returned dict from step\(\)"):
+        check_step({"observation": "x"}, "mine")
+    ENVS["test-no-step"] = lambda row: object()
+    try:
+        with pytest.raises(EnvError, match="has no step"):
+            get_env("test-no-step", row={})
+    finally:
+        del ENVS["test-no-step"]
