@@ -266,7 +266,8 @@ class EnvConfig:
     max_total_tokens: the response side's budget (model and environment tokens) per episode;
         each turn generates at most rollout.max_new_tokens of it.
     With an environment the sequence score is the episode's summed environment reward (plus the
-    reward model's, with reward.model_path); reward.name is not used. GRPO only for now.
+    reward model's, with reward.model_path); reward.name is not used. GRPO and PPO (whose GAE
+    skips the environment's tokens).
     """
 
     name: Optional[str] = None
@@ -715,9 +716,9 @@ class RunConfig:
             )
         if isinstance(self.algo, RLConfig):
             _check_rl_sampling(self.rollout)
-        if self.env.name and name != "grpo":
-            raise ConfigError(f"env.name={self.env.name}: multi-turn environments run with algo=grpo (PPO's per-token "
-                              f"values over interleaved environment tokens are not supported yet), got algo={name}")
+        if self.env.name and name not in ("grpo", "ppo"):
+            raise ConfigError(f"env.name={self.env.name}: multi-turn environments are for the RL stages (algo=grpo, "
+                              f"algo=ppo), got algo={name}")
         m = self.model
         if m.finetune == "full" and m.dtype in HALF_DTYPES and self.trainer.precision == "fp32":
             raise ConfigError(

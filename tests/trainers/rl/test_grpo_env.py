@@ -1,4 +1,4 @@
-"""GRPO on a multi-turn environment end to end on CPU (the Ray driver, env=guess_number)."""
+"""GRPO and PPO on a multi-turn environment end to end on CPU (the Ray driver, env=guess_number)."""
 
 from __future__ import annotations
 
@@ -42,10 +42,27 @@ def test_grpo_raises_heldout_success_on_guess_the_number(ray_cluster, tmp_path):
 def test_env_config_is_refused_for_other_stages_and_unknown_names():
     from align.config import ConfigError
 
-    with pytest.raises(ConfigError, match="algo=grpo"):
-        compose(["algo=ppo", "env=guess_number"])
+    with pytest.raises(ConfigError, match="for the RL stages"):
+        compose(["algo=dpo", "env=guess_number"])
     with pytest.raises(ConfigError, match="env.name: unknown environment 'maze'"):
         compose(["algo=grpo", "env=guess_number", "env.name=maze"])
     cfg, _ = compose(["algo=grpo", "env=calculator", "data=gsm8k"])
     assert cfg.env.name == "calculator" and cfg.env.options["parser"] == "hermes"
     assert compose(["algo=grpo"])[0].env.name is None  # single-turn by default
+
+
+@pytest.mark.slow
+def test_ppo_runs_multiturn_episodes(ray_cluster, tmp_path):
+    """Two PPO iterations on guess_number: the critic reads the environment's tokens, the losses
+    (GAE skipping them) are finite, and the episodes are multi-turn."""
+    from align.trainers.ppo import train
+
+    cfg, hydra_cfg = compose([*[o for o in GAME if o != "algo=grpo"], "algo=ppo", f"output_dir={tmp_path}",
+                              "trainer.max_steps=2", "trainer.eval_every=2", "trainer.save_every=2",
+                              "algo.rollout_batch_size=2", "algo.num_generations=4", "algo.minibatch_size=4",
+                              "algo.eval_prompts=4"])
+    train(cfg, hydra_cfg)
+    rows = read_metrics(tmp_path)[1:]
+    assert len(rows) == 2
+    for r in rows:
+        assert math.isfinite(r["actor/loss"]) and math.isfinite(r["critic/vf_loss"]) and r["env/turns"] > 1.0
