@@ -120,7 +120,14 @@ class EnvHTTPServer(ThreadingHTTPServer):
 
 def make_env_server(name: str, options: dict[str, Any] | None = None, host: str = "127.0.0.1",
                     port: int = 0) -> EnvHTTPServer:
-    """A bound (not yet serving) server for environment `name`; port 0 picks a free port."""
+    """A bound (not yet serving) server for environment `name`; port 0 picks a free port. It has
+    no authentication: it binds to loopback unless told otherwise, and warns when told."""
+    from rewards.remote.server import is_loopback
+
+    if not is_loopback(host):
+        import sys
+
+        print(f"warning: the environment service has no authentication and binds to {host}", file=sys.stderr)
     return EnvHTTPServer((host, port), name, dict(options or {}))
 
 
