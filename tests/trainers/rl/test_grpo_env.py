@@ -35,7 +35,9 @@ def test_grpo_raises_heldout_success_on_guess_the_number(ray_cluster, tmp_path):
     assert summary["eval_reward_after"] == after  # the reward is 1 per solved episode, 0 otherwise
     for r in rows[1:]:
         assert math.isfinite(r["actor/loss"]) and r["samples"] == 32 and 1.0 <= r["env/turns"] <= 2.0
-        # the response side holds the environment's tokens too: more than 2 turns x 6 model tokens
+        # the trainer scores the model's tokens of whole episodes as the engine sampled them
+        assert r["actor/mismatch/abs_logp_diff"] < 1e-4
+    # the response side holds the environment's tokens too: more than 2 turns x 6 model tokens
     assert rows[1]["response_length"] > 2 * 6
 
 
