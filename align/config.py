@@ -249,12 +249,48 @@ class RewardConfig:
     model's reward role), or a Hugging Face sequence classifier with one output, folder or hub id,
     of any size, architecture and tokenizer (`align.models.scorer`: it reads the prompt and response
     as text, through its own chat template; in split placement its workers load nothing else).
+    name may be your own code, no registration needed: `path/to/file.py:fn` or `package.module:fn`
+    (a class is built with `options`; rewards/loading.py). A relative file is found in the cwd or
+    on sys.path, so a file in a Ray job's working directory loads on the driver and the workers.
     """
 
     name: Optional[str] = "story"
     options: Dict[str, Any] = field(default_factory=dict)
     model_path: Optional[str] = None
     model_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Multi-turn episodes with an environment (rewards/envs, rollout/multiturn.py); `none`: the
+    single-turn rollout, unchanged.
+
+    name: a registered environment (calculator, python_sandbox, guess_number, tools, remote) or
+        your own `path/to/file.py:Class` / `package.module:Class`; null: single-turn.
+    options: keyword arguments of the environment (e.g. {low: 1, high: 10}; tools: {tools:
+        [calculator, my_tools.py:fn], parser: hermes}; remote: {url: http://127.0.0.1:8001}).
+    max_turns: model turns per episode at most.
+    max_total_tokens: the response side's budget (model and environment tokens) per episode;
+        each turn generates at most rollout.max_new_tokens of it.
+    With an environment the sequence score is the episode's summed environment reward (plus the
+    reward model's, with reward.model_path); reward.name is not used. GRPO and PPO (whose GAE
+    skips the environment's tokens).
+    """
+
+    name: Optional[str] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+    max_turns: int = 4
+    max_total_tokens: int = 256
+
+    def __post_init__(self):
+        _positive("env.max_turns", self.max_turns)
+        _positive("env.max_total_tokens", self.max_total_tokens)
+        if self.name and ":" not in self.name:
+            from rewards.envs import ENVS
+
+            if self.name not in ENVS:
+                raise ConfigError(f"env.name: unknown environment {self.name!r}; valid: {sorted(ENVS)}, or your own "
+                                  "as 'path/to/file.py:Class' or 'package.module:Class'")
 
 
 @dataclass(frozen=True)
@@ -671,6 +707,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     seed: int = 0
     output_dir: str = "runs/default"
 
@@ -696,6 +733,9 @@ class RunConfig:
                               f"cluster.num_replicas={n}: each replica takes an equal share of every micro-batch")
         if isinstance(self.algo, RLConfig):
             _check_rl_sampling(self.rollout)
+        if self.env.name and name not in ("grpo", "ppo"):
+            raise ConfigError(f"env.name={self.env.name}: multi-turn environments are for the RL stages (algo=grpo, "
+                              f"algo=ppo), got algo={name}")
         m = self.model
         if m.finetune == "full" and m.dtype in HALF_DTYPES and self.trainer.precision == "fp32":
             raise ConfigError(
@@ -764,6 +804,7 @@ def register_schemas() -> None:
         ("rollout", RolloutConfig),
         ("reward", RewardConfig),
         ("cluster", ClusterConfig),
+        ("env", EnvConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=_schema_node(schema))
 
@@ -779,6 +820,7 @@ class _HydraRun:
     rollout: Any = None
     reward: Any = None
     cluster: Any = None
+    env: Any = None
     seed: int = 0
     output_dir: str = "runs/default"
 
@@ -839,6 +881,7 @@ def to_config(cfg) -> RunConfig:
         rollout=build(RolloutConfig, cfg.rollout, "rollout"),
         reward=build(RewardConfig, cfg.reward, "reward"),
         cluster=build(ClusterConfig, cfg.cluster, "cluster"),
+        env=build(EnvConfig, cfg.get("env"), "env") or EnvConfig(),
         seed=cfg.seed,
         output_dir=cfg.output_dir,
     )

@@ -40,11 +40,20 @@ def register_reward(name: str):
 
 
 def get_reward(name: str, **options: Any) -> RewardFn:
-    """Build the reward registered under `name` with `options`; fail listing the valid names."""
+    """Build the reward registered under `name` with `options`; fail listing the valid names.
+
+    A name with a colon is the user's own code (`rewards.loading`): `my_rewards.py:score` or
+    `my_pkg.rewards:Score`; a class is built with `options`, a function is the reward itself.
+    """
+    if ":" in name:
+        from rewards.loading import build, load_object
+
+        return build(load_object(name), options, name)
     try:
         factory = REWARDS[name]
     except KeyError:
-        raise KeyError(f"unknown reward {name!r}; valid: {sorted(REWARDS)}") from None
+        raise KeyError(f"unknown reward {name!r}; valid: {sorted(REWARDS)}, or your own as "
+                       "'path/to/file.py:fn' or 'package.module:fn'") from None
     return factory(**options)
 
 

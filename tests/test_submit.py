@@ -190,6 +190,66 @@ def test_failing_job_gives_nonzero_exit_and_readable_logs(ray_head, tmp_path):
     assert "trainer.lr_scheduler" in record["logs"] and "cosin" in record["logs"]
 
 
+def test_job_scores_with_a_reward_file_uploaded_in_its_working_dir(ray_head, tmp_path):
+    """`reward.name=my_rewards.py:score`: the file is in the job's working directory (uploaded by
+    the launcher with --working-dir), not in this project; the job's driver loads it there."""
+    address, env = ray_head
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my_rewards.py").write_text(
+        "def score(prompts, responses, **metadata):\n    return [42.0 for _ in responses]\n")
+    out_dir = tmp_path / "run"
+    job_id = f"align-test-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "submit.py"), "--address", address, "--job-id", job_id,
+         "--timeout", "300", "--working-dir", str(work), "--env", f"PYTHONPATH={ROOT}",
+         "algo=eval", "reward.name=my_rewards.py:score", "data.limit=2", "algo.n=1", "algo.k=[1]",
+         "rollout.max_new_tokens=4", "trainer.progress=false", "trainer.num_threads=1", f"output_dir={out_dir}"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=330,
+    )
+    assert done.returncode == 0, f"launcher failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    rows = [json.loads(line) for line in (out_dir / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["scores"] == [42.0] for r in rows), rows
+    assert json.loads((out_dir / "summary.json").read_text())["reward"] == "my_rewards.py:score"
+
+
+def test_grpo_job_runs_an_environment_file_from_its_working_dir_on_the_workers(ray_head, tmp_path):
+    """`env.name=my_envs.py:Always` in a GRPO job on the cluster (cluster=ray): the episodes run
+    on the actor worker, which loads the file from the job's uploaded working directory; the
+    environment stamps the process it ran in, which is not the job's driver."""
+    address, env = ray_head
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my_envs.py").write_text(
+        "import os\n"
+        "from rewards.envs import Step\n\n\n"
+        "class Always:\n"
+        "    tools = []\n\n"
+        "    def __init__(self, row):\n"
+        "        self.where = os.getpid()\n\n"
+        "    def step(self, turn):\n"
+        "        return Step('', 1.0, True, {'pid': self.where})\n")
+    out_dir = tmp_path / "run"
+    job_id = f"align-test-{uuid.uuid4().hex[:8]}"
+    overrides = [
+        "algo=grpo", "cluster=ray", "env.name=my_envs.py:Always", "env.max_turns=1", "trainer.max_steps=1",
+        "trainer.eval_every=1", "trainer.save_every=1", "trainer.progress=false", "trainer.num_threads=1",
+        "data.limit=12", "data.val_size=2", "algo.rollout_batch_size=2", "algo.num_generations=2",
+        "algo.eval_prompts=2", "algo.eval_samples=1", "rollout.max_new_tokens=4", f"output_dir={out_dir}",
+    ]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "submit.py"), "--address", address, "--job-id", job_id,
+         "--timeout", "400", "--working-dir", str(work), "--env", f"PYTHONPATH={ROOT}", *overrides],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=430,
+    )
+    assert done.returncode == 0, f"launcher failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in rows if r.get("step") == 1 and "env/turns" in r)
+    assert step["env/success"] == 1.0 and step["reward/mean"] == 1.0 and step["env/turns"] == 1.0
+    workers = json.loads((out_dir / "workers.json").read_text())
+    assert step["env/pid"] in {w["pid"] for w in workers}  # built in the worker process
+
+
 class _FakeJobs:
     """The slice of JobSubmissionClient that `follow` uses, with scripted answers."""
 

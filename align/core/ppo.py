@@ -86,29 +86,35 @@ def gae_advantages(
     advantages are the discounted returns-to-go (REINFORCE, and REINFORCE++ before whitening).
     No gradient flows: these are targets. Whitening is separate (`masked_whiten`).
 
+    Masked positions inside a row (a multi-turn episode's environment tokens, rollout/multiturn.py)
+    are skipped, not ended at: the recursion runs over the model's own tokens in order, t + 1 being
+    the next model token (as veRL's GAE does with its response mask). Right padding alone gives the
+    textbook recursion.
+
     Args:
         rewards: (B, T) per-token rewards (see `token_rewards`).
         values: (B, T) critic values V(s_t).
-        mask: (B, T) response mask, right-padded.
+        mask: (B, T) response mask (the model's tokens), right-padded.
         gamma: discount in [0, 1].
         lam: GAE lambda in [0, 1].
 
     Returns:
-        advantages: (B, T), zero on padding.
-        returns: (B, T), zero on padding.
+        advantages: (B, T), zero where the mask is.
+        returns: (B, T), zero where the mask is.
     """
     mask = mask.bool()
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     rewards = torch.where(mask, rewards.to(values.dtype), zero)
     values = torch.where(mask, values, zero)
     B, T = values.shape
-    next_values = torch.cat([values[:, 1:], values.new_zeros(B, 1)], dim=1)  # V_{t+1}, 0 past the end
-    deltas = rewards + gamma * next_values - values  # (B, T)
     advantages = torch.zeros_like(values)
-    running = values.new_zeros(B)  # A_{t+1}
+    running = values.new_zeros(B)  # A of the next model token
+    next_value = values.new_zeros(B)  # V of the next model token, 0 past the end
     for t in reversed(range(T)):
-        running = torch.where(mask[:, t], deltas[:, t] + gamma * lam * running, zero)
-        advantages[:, t] = running
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = torch.where(mask[:, t], delta + gamma * lam * running, running)
+        next_value = torch.where(mask[:, t], values[:, t], next_value)
+        advantages[:, t] = torch.where(mask[:, t], running, zero)
     returns = torch.where(mask, advantages + values, zero)
     return advantages, returns
 

@@ -26,6 +26,8 @@ from align.data.formats import Message
 logger = logging.getLogger("align.data")
 
 FALLBACK_CHAT_TEMPLATE = (
+    # tool schemas (`apply_chat_template(..., tools=...)`), one JSON line each, before the conversation
+    "{% if tools %}<|tools|>\n{% for t in tools %}{{ t | tojson }}{{ '\\n' }}{% endfor %}{% endif %}"
     "{% for m in messages %}"
     "<|{{ m['role'] }}|>\n{{ m['content'] }}"
     "{% if m['role'] == 'assistant' %}{{ eos_token or '' }}{% else %}{{ '\\n' }}{% endif %}"

@@ -111,7 +111,8 @@ class RLRun:
         self.prompts = load_prompts(cfg, self.tokenizer)
         self.order = EpochBatches(len(self.prompts.train), self.algo.rollout_batch_size, seed=cfg.seed)
         self.reward_fn = None
-        if cfg.reward.name:
+        self.env = cfg.env if cfg.env.name else None  # multi-turn episodes: the environment scores them
+        if cfg.reward.name and self.env is None:
             from rewards import get_reward
 
             self.reward_fn = get_reward(cfg.reward.name, **dict(cfg.reward.options))
@@ -123,7 +124,7 @@ class RLRun:
             raise ConfigError(f"algo.critic_init_from_reward: needs reward.model_path to be a reward role on the "
                               f"policy's base (the RM job's save_role folder); {cfg.reward.model_path!r} is a "
                               "classifier with a base of its own")
-        if self.reward_fn is None and not self.uses_reward_model:
+        if self.reward_fn is None and not self.uses_reward_model and self.env is None:
             raise ValueError("reward: set reward.name (a rule reward), reward.model_path (a reward model), or both")
 
         self.placement, self.log = None, None
@@ -142,7 +143,7 @@ class RLRun:
             critic_init_from_reward=getattr(self.algo, "critic_init_from_reward", False),
             critic_lr=getattr(self.algo, "critic_lr", None), forward_batch_size=self.algo.forward_batch_size,
             seed=cfg.seed, merged_rollout=cfg.rollout.merged_copy, fast_decode=cfg.rollout.fast_decode,
-            rollout=cfg.rollout, max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+            rollout=cfg.rollout, max_model_len=cfg.data.max_prompt_length + self.response_budget,
         )
         self.placement = build_placement(spec, roles, cfg.cluster, run_id=f"{self.algo.name}-{os.getpid()}-{id(self):x}")
         workers = [info for g in self.placement.unique_groups() for info in g.workers_info]
@@ -203,9 +204,15 @@ class RLRun:
     def next_prompts(self) -> list[dict]:
         return [self.prompts.train[i] for i in self.order.next()]
 
+    @property
+    def response_budget(self) -> int:
+        """Most response-side tokens of a row: one turn's, or a whole episode's with an environment."""
+        return self.cfg.env.max_total_tokens if self.cfg.env.name else self.cfg.rollout.max_new_tokens
+
     def generate(self, items: Sequence[dict], n: int, seed: int, temperature: float | None = None) -> Experience:
         """`n` samples per prompt; the prompts are split across the actor replicas. Row i*n + j
-        is sample j of prompt i, and its group id is i."""
+        is sample j of prompt i, and its group id is i. With an environment each sample is a
+        multi-turn episode, run on the replica that holds its prompt (rollout/multiturn.py)."""
         from rollout.base import SamplingParams
 
         r = self.cfg.rollout
@@ -213,6 +220,14 @@ class RLRun:
                       top_k=r.top_k, max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
         group = self.placement.actor
         bounds = shard_bounds(len(items), group.size)
+        if self.env is not None:
+            per_rank = [
+                ([{k: v for k, v in items[i].items() if k != "prompt_ids"} for i in range(a, b)], list(range(a, b)),
+                 SamplingParams(**params, seed=(seed * 1_000_003 + rank) % 2**31), self.env,
+                 self.cfg.data.max_prompt_length)
+                for rank, (a, b) in enumerate(bounds)
+            ]
+            return Experience.concat(group.map("generate_episodes", per_rank))
         per_rank = [
             ([items[i]["prompt_ids"] for i in range(a, b)], list(range(a, b)),
              SamplingParams(**params, seed=(seed * 1_000_003 + rank) % 2**31))
@@ -226,6 +241,9 @@ class RLRun:
 
         scores = torch.zeros(len(batch))
         metrics: dict[str, float] = {}
+        if self.env is not None:
+            scores += batch.scores  # the episodes' environment rewards
+            metrics.update(episode_metrics(batch.episodes))
         if self.reward_fn is not None:
             rows = [items[g] for g in batch.group_ids.tolist()]
             metadata = {"ground_truth": [x.get("ground_truth") for x in rows]}
@@ -251,7 +269,7 @@ class RLRun:
         `batch`, sharded over the role's replicas; the roles' calls run concurrently."""
         minibatches, normalisers = update_plan(
             batch, epochs=self.algo.ppo_epochs, num_minibatches=self.num_minibatches(len(batch)),
-            agg=self.algo.loss_agg, max_len=self.cfg.rollout.max_new_tokens, seed=self.cfg.seed * 7919 + step)
+            agg=self.algo.loss_agg, max_len=self.response_budget, seed=self.cfg.seed * 7919 + step)
         return dispatch_updates({role: (self.placement.group(role), loss) for role, loss in losses.items()},
                                 minibatches, normalisers)
 
@@ -293,6 +311,7 @@ class RLRun:
             stats = sample_metrics([scores[i : i + n] for i in range(0, len(scores), n)], self.algo.eval_threshold,
                                    self.algo.eval_k, answers)
             self.eval_metrics = {f"eval/{k}": v for k, v in stats.items()}
+        self.eval_metrics.update({f"eval/{k[4:]}": v for k, v in metrics.items() if k.startswith("env/")})
         return metrics["reward/mean"]
 
     def end_step(self, step: int, metrics: dict[str, Any], trainer_state: dict) -> dict[str, Any]:
@@ -387,6 +406,24 @@ class RLRun:
         if self._shutdown_ray is not None:
             self._shutdown_ray()
             self._shutdown_ray = None
+
+
+def episode_metrics(episodes: Sequence[dict]) -> dict[str, float]:
+    """env/*: mean turns, success (reward > 0), with tools the calls per episode and the fraction
+    of calls that parsed and ran (tool-call validity), and the mean of each other number an
+    environment reports in `Step.info` (summed over the episode's turns)."""
+    if not episodes:
+        return {}
+    n = len(episodes)
+    out = {"env/turns": sum(e["turns"] for e in episodes) / n,
+           "env/success": sum(e["reward"] > 0 for e in episodes) / n}
+    calls = sum(e.get("tool_calls", 0.0) for e in episodes)
+    if any("tool_calls" in e for e in episodes):
+        out["env/tool_calls"] = calls / n
+        out["env/tool_validity"] = 1.0 - sum(e.get("tool_errors", 0.0) for e in episodes) / calls if calls else 1.0
+    for key in sorted({k for e in episodes for k in e} - {"reward", "turns", "tool_calls", "tool_errors"}):
+        out[f"env/{key}"] = sum(e.get(key, 0.0) for e in episodes) / n
+    return out
 
 
 def update_plan(batch: Experience, *, epochs: int, num_minibatches: int, agg: str, max_len: int,

@@ -26,7 +26,7 @@ from torch import Tensor
 # different widths are concatenated; every other tensor field is per row, (B,).
 _PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
 _RESPONSE_FIELDS = (
-    "response_ids", "response_mask", "rollout_logp", "old_logp", "ref_logp", "values",
+    "response_ids", "response_mask", "response_attention", "rollout_logp", "old_logp", "ref_logp", "values",
     "token_rewards", "advantages", "returns",
 )
 
@@ -38,7 +38,12 @@ class Experience:
     prompt_ids:    (B, P) int64 prompt tokens, left-padded.
     prompt_mask:   (B, P) int64, 1 on real prompt tokens.
     response_ids:  (B, R) int64 response tokens, right-padded.
-    response_mask: (B, R) bool, True on real response tokens (the stop token included).
+    response_mask: (B, R) bool, True on the response tokens the policy generated (the stop token
+                   included): the tokens that log-probs, KL, advantages and losses apply to.
+    response_attention: (B, R) bool, True on every real response token: the model's and, in a
+                   multi-turn episode (rollout/multiturn.py), the environment's (tool results,
+                   observations), which the model attends to but is not trained on. None: the
+                   same as response_mask (single-turn rollouts).
     group_ids:     (B,) int64, the prompt each row answers (rows of one prompt share an id).
     rollout_logp:  (B, R) float32, the rollout engine's log-probs of the response tokens,
                    under the distribution it sampled from (logits / temperature: rollout.base).
@@ -51,6 +56,8 @@ class Experience:
     token_rewards: (B, R) per-token rewards (PPO: KL-shaped, score at the last token).
     advantages:    (B, R) per-token advantages.
     returns:       (B, R) value targets (PPO).
+    episodes:      per row, a multi-turn episode's summary {"reward", "turns", info sums...}
+                   (empty for single-turn rollouts).
     response_text: the decoded responses, one per row.
     finish_reason: "stop" or "length", one per row.
     prompts:       each row's prompt as the data gave it (text, or chat messages), for a reward
@@ -71,6 +78,8 @@ class Experience:
     token_rewards: Tensor | None = None
     advantages: Tensor | None = None
     returns: Tensor | None = None
+    response_attention: Tensor | None = None
+    episodes: list = field(default_factory=list)
     response_text: list[str] = field(default_factory=list)
     finish_reason: list[str] = field(default_factory=list)
     prompts: list = field(default_factory=list)
@@ -89,9 +98,14 @@ class Experience:
         return torch.cat([self.prompt_ids, self.response_ids], dim=1)
 
     @property
+    def response_attention_mask(self) -> Tensor:
+        """(B, R), True on every real response token (environment tokens included)."""
+        return self.response_mask if self.response_attention is None else self.response_attention
+
+    @property
     def attention_mask(self) -> Tensor:
         """(B, P + R), 1 on real tokens."""
-        return torch.cat([self.prompt_mask.long(), self.response_mask.long()], dim=1)
+        return torch.cat([self.prompt_mask.long(), self.response_attention_mask.long()], dim=1)
 
     @property
     def response_slice(self) -> slice:
@@ -106,8 +120,8 @@ class Experience:
 
     @property
     def response_lengths(self) -> Tensor:
-        """(B,) number of response tokens per row."""
-        return self.response_mask.sum(-1)
+        """(B,) number of response tokens per row (environment tokens included)."""
+        return self.response_attention_mask.sum(-1)
 
     def replace(self, **changes: Any) -> "Experience":
         """A shallow copy with some fields replaced (the tensors are shared, not copied)."""
@@ -145,7 +159,7 @@ class Experience:
         if len(self) == 0:
             return self
         real_p = self.prompt_mask.bool().any(0).nonzero()
-        real_r = self.response_mask.any(0).nonzero()
+        real_r = self.response_attention_mask.any(0).nonzero()
         p0 = int(real_p[0]) if real_p.numel() else self.prompt_width - 1
         r1 = int(real_r[-1]) + 1 if real_r.numel() else 1
         out = {}
@@ -250,4 +264,36 @@ def from_rollout(prompts: Sequence[Sequence[int]], group_ids: Sequence[int], out
         rollout_logp=rollout_logp,
         response_text=[s.text for s in samples],
         finish_reason=[s.finish_reason for s in samples],
+    )
+
+
+def from_episodes(episodes: Sequence[Any]) -> Experience:
+    """An Experience from multi-turn episodes (`rollout.multiturn.Episode`): the response side is
+    the whole trajectory after the first prompt; `response_mask` marks the model's own tokens
+    (loss mask), `response_attention` every token; `scores` the episodes' summed environment
+    rewards; `episodes` their summaries (turns, tool calls...)."""
+    B = len(episodes)
+    P = max(len(e.prompt_ids) for e in episodes)
+    R = max(1, max(len(e.ids) for e in episodes))
+    prompt_ids = torch.zeros(B, P, dtype=torch.long)
+    prompt_mask = torch.zeros(B, P, dtype=torch.long)
+    response_ids = torch.zeros(B, R, dtype=torch.long)
+    response_mask = torch.zeros(B, R, dtype=torch.bool)
+    attention = torch.zeros(B, R, dtype=torch.bool)
+    rollout_logp = torch.zeros(B, R, dtype=torch.float32)
+    for row, e in enumerate(episodes):
+        p, n = e.prompt_ids, len(e.ids)
+        prompt_ids[row, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[row, P - len(p):] = 1
+        if n:
+            response_ids[row, :n] = torch.tensor(e.ids, dtype=torch.long)
+            response_mask[row, :n] = torch.tensor(e.mask, dtype=torch.bool)
+            attention[row, :n] = True
+            rollout_logp[row, :n] = torch.tensor(e.logprobs, dtype=torch.float32)
+    return Experience(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
+        group_ids=torch.tensor([e.group for e in episodes], dtype=torch.long), rollout_logp=rollout_logp,
+        scores=torch.tensor([e.reward for e in episodes], dtype=torch.float32), response_attention=attention,
+        episodes=[{"reward": e.reward, "turns": e.turns, **e.info} for e in episodes],
+        response_text=["".join(e.turn_texts) for e in episodes], finish_reason=[e.finish_reason for e in episodes],
     )

@@ -204,6 +204,26 @@ class ModelWorker:
             if self._sleeps:
                 self.engine.sleep()  # the engine's GPU memory goes back to training until the next rollout
 
+    def generate_episodes(self, rows: Sequence[dict], group_ids: Sequence[int], params, env,
+                          max_prompt_length: int) -> Experience:
+        """`params.n` multi-turn episodes of each data row with environment `env` (an EnvConfig),
+        run by this worker's engine (rollout/multiturn.py): environment tokens masked out of the loss."""
+        from align.workers.batch import from_episodes
+        from rollout.multiturn import run_episodes
+
+        if not rows:
+            return _empty_experience()
+        if self._sleeps:
+            self.engine.wake_up()
+        try:
+            return from_episodes(run_episodes(
+                self.engine, self.tokenizer, rows, group_ids, env_name=env.name, env_options=dict(env.options),
+                params=params, max_turns=env.max_turns, max_total_tokens=env.max_total_tokens,
+                max_prompt_length=max_prompt_length))
+        finally:
+            if self._sleeps:
+                self.engine.sleep()
+
     @torch.no_grad()
     def annotate(self, batch: Experience, roles: Sequence[str]) -> dict[str, Tensor]:
         """No-grad passes per chunk for `roles`: {"ref_logp", "old_logp", "values": (B, R),
@@ -226,7 +246,7 @@ class ModelWorker:
                 part = part.trim().to(self.device)
                 with self.train_engine.autocast():  # the training forward's precision
                     res = {role: self.model.response_log_probs(part.prompt_ids, part.prompt_mask, part.response_ids,
-                                                               part.response_mask, role=role,
+                                                               part.response_attention_mask, role=role,
                                                                temperature=self.temperature)
                            for role in policies}
                     if others:
@@ -262,7 +282,8 @@ class ModelWorker:
 
         def micro_loss(mb: Experience, normaliser: float):
             with self.train_engine.autocast():
-                out = self.model.response_log_probs(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask,
+                out = self.model.response_log_probs(mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                                    mb.response_attention_mask,  # environment tokens attended
                                                     temperature=self.temperature, entropy=loss.entropy_coef > 0)
             logp, entropy = out if loss.entropy_coef > 0 else (out, None)
             # No recomputed old log-probs: the update is on-policy (one step per iteration), so the

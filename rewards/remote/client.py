@@ -77,25 +77,28 @@ class RemoteReward:
             raise RemoteRewardError(f"{self.url} answered without one score per response: {str(reply)[:200]}")
         return [math.nan if s is None else float(s) for s in scores]
 
-    def _post(self, body: bytes) -> Any:
+    def _post(self, body: bytes, url: str | None = None) -> Any:
+        """POST `body` (JSON) to `url` (default: /score) with the retry policy; the reply's JSON.
+        Remote environments (rewards/envs/remote.py) post to their own paths through this."""
+        url = url or self.url
         last_error = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
-            request = urllib.request.Request(self.url, data=body, method="POST", headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
             try:
                 with self._opener.open(request, timeout=self.timeout) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as e:  # before URLError: HTTPError is one
                 message = _error_message(e)
                 if e.code < 500 and e.code != 429:
-                    raise RemoteRewardError(f"{self.url} rejected the request ({e.code}): {message}") from None
+                    raise RemoteRewardError(f"{url} rejected the request ({e.code}): {message}") from None
                 last_error = f"HTTP {e.code}: {message}"
             except json.JSONDecodeError as e:
-                raise RemoteRewardError(f"{self.url} answered with invalid JSON: {e}") from None
+                raise RemoteRewardError(f"{url} answered with invalid JSON: {e}") from None
             except _RETRYABLE as e:
                 last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        raise RemoteRewardError(f"remote reward at {self.url} failed after {self.retries + 1} attempts; last error: {last_error}")
+        raise RemoteRewardError(f"remote reward at {url} failed after {self.retries + 1} attempts; last error: {last_error}")
 
 
 def _error_message(error: urllib.error.HTTPError) -> str:

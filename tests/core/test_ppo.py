@@ -82,6 +82,28 @@ def test_gae_matches_naive_loop_across_padding_patterns(seed, gamma, lam):
     torch.testing.assert_close(ret, ret_ref)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gae_skips_interior_masked_tokens_as_if_they_were_not_there(seed):
+    """A multi-turn row's environment tokens (mask 0 inside the row): GAE equals the textbook
+    recursion on the row with those positions removed, scattered back; 0 on them."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = 5, 9
+    mask = torch.rand(B, T, generator=g) < 0.6
+    mask[0] = torch.tensor([1, 1, 0, 0, 1, 0, 1, 0, 0], dtype=torch.bool)
+    mask[1] = False
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv, ret = gae_advantages(rewards, values, mask, 0.9, 0.8)
+    for b in range(B):
+        keep = mask[b].nonzero().squeeze(-1)
+        n = len(keep)
+        ref_adv, ref_ret = _naive_gae(rewards[b:b + 1, keep], values[b:b + 1, keep], torch.ones(1, n, dtype=torch.bool),
+                                      0.9, 0.8)
+        torch.testing.assert_close(adv[b, keep], ref_adv[0])
+        torch.testing.assert_close(ret[b, keep], ref_ret[0])
+        assert (adv[b, ~mask[b]] == 0).all() and (ret[b, ~mask[b]] == 0).all()
+
+
 def test_gae_with_zero_values_and_lambda_one_is_discounted_return():
     """rewards (1, 2, 3), gamma 0.5: returns-to-go 1 + 0.5*2 + 0.25*3 = 2.75, 2 + 1.5 = 3.5, 3."""
     adv, _ = gae_advantages(torch.tensor([[1.0, 2.0, 3.0]]), torch.zeros(1, 3), torch.ones(1, 3), 0.5, 1.0)
