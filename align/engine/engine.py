@@ -158,14 +158,20 @@ class TrainEngine:
         return out
 
     @contextlib.contextmanager
-    def gathered(self, model: nn.Module) -> Iterator[nn.Module]:
+    def gathered(self, model: nn.Module, writeback: bool = False) -> Iterator[nn.Module]:
         """`model` with whole parameters for the duration (fp32 masters gathered from their shards;
         a collective: every replica enters it), for what reads weights outside a forward: saving,
-        exporting, building a merged rollout copy. Unsharded: the model as it is."""
+        exporting, building a merged rollout copy. `writeback`: what the block wrote into them
+        (loading a checkpoint) goes back into the shards. Unsharded: the model as it is."""
         if not self.sharded:
             yield model
             return
-        swaps, whole = [], {}
+        swaps, whole, hooks = [], {}, []
+        if writeback:  # FSDP2's post-load hooks expect its own shards in place: they come back on exit
+            for module in model.modules():
+                if module._load_state_dict_post_hooks:
+                    hooks.append((module, module._load_state_dict_post_hooks.copy()))
+                    module._load_state_dict_post_hooks.clear()
         for module in model.modules():
             for name, p in list(module._parameters.items()):
                 if p is not None and hasattr(p, "full_tensor"):
@@ -177,7 +183,12 @@ class TrainEngine:
             yield model
         finally:
             for module, name, p in swaps:
+                full = module._parameters[name]
                 module._parameters[name] = p
+                if writeback:
+                    load_full_tensor(p, full.detach())
+            for module, saved in hooks:
+                module._load_state_dict_post_hooks.update(saved)
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,

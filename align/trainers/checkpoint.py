@@ -82,13 +82,9 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     if all(isinstance(i, int) for g in state["param_groups"] for i in g["params"]):
         optimizer.load_state_dict(state)
         return
-    if any(hasattr(p, "device_mesh") for g in optimizer.param_groups for p in g["params"]):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
-        return
-    # Unsharded: name -> the optimizer's own positional ids (torch's setter needs a process group).
+    # Name -> the optimizer's own positional ids; a sharded parameter's states (exp_avg, ...)
+    # become DTensors sharded like it. (torch's set_optimizer_state_dict needs the optimizer to
+    # hold states already, and a process group.)
     names = {id(p): n for n, p in model.named_parameters()}
     groups, by_id, position = [], {}, 0
     for group, saved in zip(optimizer.param_groups, state["param_groups"]):
@@ -96,11 +92,20 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         for p in group["params"]:
             name = names[id(p)]
             if name in state["state"]:
-                by_id[position] = state["state"][name]
+                by_id[position] = {k: _like(p, v) for k, v in state["state"][name].items()}
             ids.append(position)
             position += 1
         groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
     optimizer.load_state_dict({"state": by_id, "param_groups": groups})
+
+
+def _like(param: torch.Tensor, value):
+    """An optimizer state tensor of `param`'s shape, sharded like `param` when it is a shard."""
+    if hasattr(param, "device_mesh") and isinstance(value, torch.Tensor) and value.shape == param.shape:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return value
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -124,7 +124,7 @@ class ModelWorker:
     """Hosts one model replica; see the module docstring for the verbs."""
 
     def __init__(self, spec: WorkerSpec, name: str = "worker", rank: int = 0, world_size: int = 1):
-        from align.trainers.common import build_optimizer, build_scheduler, seed_everything
+        from align.trainers.common import seed_everything
 
         self.spec, self.name, self.rank, self.world_size = spec, name, rank, world_size
         torch.set_num_threads(max(1, spec.num_threads))
@@ -134,9 +134,10 @@ class ModelWorker:
                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): did it ask Ray for one?")
         self.model, self.tokenizer = build_role_model(spec)
         self.device = next(self.model.parameters()).device  # batches arrive on the CPU
-        # Precision, the replicas' gradient sum, clipping and the step (align/engine).
-        self.train_engine = TrainEngine(spec.trainer.precision, self.device, world_size)
-        self.train_engine.prepare(self.model)
+        # Strategy, precision, the replicas' gradient reduction, clipping and the step (align/engine).
+        # With replicas, the model is prepared (broadcast or sharded) once their group exists.
+        self.train_engine = TrainEngine(spec.trainer.precision, self.device, world_size,
+                                        strategy=spec.trainer.strategy if world_size > 1 else "single")
         # A reward model with a base of its own (reward.model_path a classifier, not a reward role).
         self.scorer = build_scorer(spec)
         self.engine, self.rollout_model = None, None
@@ -155,6 +156,16 @@ class ModelWorker:
             else:
                 self.engine = HFEngine(self.model, self.tokenizer, role=lambda: self.model.using("actor"), **engine_kw)
         self.optimizers, self.schedulers = {}, {}
+        if world_size == 1:
+            self._prepare_training()
+        self.model.train()
+
+    def _prepare_training(self) -> None:
+        """The engine's strategy and precision on the model, then each trainable role's optimizer."""
+        from align.trainers.common import build_optimizer, build_scheduler
+
+        spec = self.spec
+        self.train_engine.prepare(self.model)
         for role in ("actor", "critic"):
             if role in self.model.roles:
                 tcfg = spec.trainer
@@ -165,7 +176,6 @@ class ModelWorker:
                 params = self.model.trainable_parameters(role)
                 self.optimizers[role] = build_optimizer(params, tcfg)
                 self.schedulers[role] = build_scheduler(self.optimizers[role], tcfg)
-        self.model.train()
 
     # ---- plumbing --------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -189,6 +199,7 @@ class ModelWorker:
         backend = "nccl" if torch.cuda.is_available() and self.spec.model.device != "cpu" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
                                 rank=self.rank, world_size=self.world_size)
+        self._prepare_training()
 
     # ---- rollout and inference -------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], group_ids: Sequence[int], params) -> Experience:
@@ -241,18 +252,24 @@ class ModelWorker:
         others = tuple(r for r in roles if r not in policies)
         was_training = self.model.training
         self.model.eval()  # inference: no LoRA dropout
+        def passes(part: Experience) -> dict[str, Tensor]:
+            res = {role: self.model.response_log_probs(part.prompt_ids, part.prompt_mask, part.response_ids,
+                                                       part.response_attention_mask, role=role,
+                                                       temperature=self.temperature)
+                   for role in policies}
+            if others:
+                res.update({role: value[:, part.response_slice] if role == "critic" else value
+                            for role, value in self.model.multi_role_forward(
+                                part.input_ids, part.attention_mask, roles=others).items()})
+            return res
+
         try:
-            for part in batch.split(self.spec.forward_batch_size) if len(batch) else []:
+            for part, real in self._in_step(batch.split(self.spec.forward_batch_size) if len(batch) else [], batch):
                 part = part.trim().to(self.device)
                 with self.train_engine.autocast():  # the training forward's precision
-                    res = {role: self.model.response_log_probs(part.prompt_ids, part.prompt_mask, part.response_ids,
-                                                               part.response_attention_mask, role=role,
-                                                               temperature=self.temperature)
-                           for role in policies}
-                    if others:
-                        res.update({role: value[:, part.response_slice] if role == "critic" else value
-                                    for role, value in self.model.multi_role_forward(
-                                        part.input_ids, part.attention_mask, roles=others).items()})
+                    res = self.train_engine.forward(passes, part)
+                if not real:
+                    continue
                 for role, value in res.items():
                     if role != "reward":
                         value = _pad_to(value.float(), R, left=False)
@@ -282,9 +299,10 @@ class ModelWorker:
 
         def micro_loss(mb: Experience, normaliser: float):
             with self.train_engine.autocast():
-                out = self.model.response_log_probs(mb.prompt_ids, mb.prompt_mask, mb.response_ids,
-                                                    mb.response_attention_mask,  # environment tokens attended
-                                                    temperature=self.temperature, entropy=loss.entropy_coef > 0)
+                out = self.train_engine.forward(
+                    self.model.response_log_probs, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                    mb.response_attention_mask,  # environment tokens attended
+                    temperature=self.temperature, entropy=loss.entropy_coef > 0)
             logp, entropy = out if loss.entropy_coef > 0 else (out, None)
             # No recomputed old log-probs: the update is on-policy (one step per iteration), so the
             # live log-probs are pi_old (ratio 1).
@@ -319,7 +337,8 @@ class ModelWorker:
 
         def micro_loss(mb: Experience, normaliser: float):
             with self.train_engine.autocast():
-                values = self.model.values(mb.input_ids, mb.attention_mask)[:, mb.response_slice].float()
+                values = self.train_engine.forward(self.model.values, mb.input_ids, mb.attention_mask)
+            values = values[:, mb.response_slice].float()
             vf_loss, stats = ppo_value_loss(values, mb.values, mb.returns, mb.response_mask, loss.value_clip,
                                             loss.agg, normaliser)
             return loss.vf_coef * vf_loss, {"vf_loss": vf_loss.detach()}, stats
@@ -338,9 +357,12 @@ class ModelWorker:
         for mb, normaliser in zip(minibatches, normalisers):
             optimizer.zero_grad(set_to_none=True)
             step = {"loss": 0.0}
-            for micro in mb.split(micro_batch_size) if len(mb) else []:
+            for micro, real in self._in_step(mb.split(micro_batch_size) if len(mb) else [], mb):
                 micro = micro.trim().to(self.device)
                 loss, parts, means = micro_loss(micro, normaliser)
+                if not real:  # a stand-in keeping fsdp2 replicas in step: no gradient, nothing logged
+                    (loss * 0).backward()
+                    continue
                 loss.backward()
                 for k, v in {"loss": loss.detach(), **parts}.items():
                     step[k] = step.get(k, 0.0) + float(v)
@@ -351,10 +373,28 @@ class ModelWorker:
         optimizer.zero_grad(set_to_none=True)
         return {**stats.state(), "lr": scheduler.get_last_lr()[0]}
 
+    def _in_step(self, parts: Sequence[Experience], whole: Experience) -> list[tuple[Experience, bool]]:
+        """`parts` paired with True, then, under fsdp2, stand-ins (False: the first row of `whole`)
+        up to the most parts any replica runs: every replica's units must gather and reduce the
+        same number of times. Replicas whose shard is empty run stand-ins only."""
+        out = [(p, True) for p in parts]
+        if self.train_engine.sharded:
+            from align.engine import distributed
+
+            count = distributed.all_max(len(out))
+            if count > len(out) and len(whole) == 0:
+                raise RuntimeError(f"{self.name}: an empty shard cannot stand in for a forward pass; "
+                                   "give every replica at least one row (a larger batch, fewer replicas)")
+            out += [(whole.split(1)[0], False)] * (count - len(out))
+        return out
+
     # ---- state ---------------------------------------------------------------------------------
     def trainable_state(self, role: str) -> list[Tensor]:
-        """Copies of `role`'s trainable tensors, in `trainable_parameters` order (for tests)."""
-        return [p.detach().cpu().clone() for p in self.model.trainable_parameters(role)]
+        """Copies of `role`'s trainable tensors, in `trainable_parameters` order (for tests); whole
+        when sharded (every replica calls it)."""
+        from align.engine import full_tensor
+
+        return [full_tensor(p.detach()).cpu().clone() for p in self.model.trainable_parameters(role)]
 
     def sync_rollout(self) -> int:
         """Bring the rollout engine up to date with the actor; returns the bytes copied. A merged
@@ -362,10 +402,12 @@ class ModelWorker:
         (LoRA: a new adapter request, the base stays) or its full state dict (loaded in place); an
         engine over the actor's own parameters (or no engine) needs nothing."""
         if self.rollout_model is not None:
-            return self.model.refresh_merged_actor(self.rollout_model)
+            with self.train_engine.gathered(self.model):  # every replica: sharded weights are gathered
+                return self.model.refresh_merged_actor(self.rollout_model)
         if self.engine is None or self.spec.rollout.backend != "vllm":
             return 0
-        tensors = self.model.sync_state_dict("actor")
+        with self.train_engine.gathered(self.model):
+            tensors = self.model.sync_state_dict("actor")
         if self._sleeps:
             self.engine.wake_up()  # it stays awake for the rollout that follows a sync
         self.engine.update_weights(**{"lora" if self.model.is_lora else "state_dict": tensors})
@@ -404,33 +446,41 @@ class ModelWorker:
         """Every rank writes its own RNG states (LoRA dropout draws from them, and each replica
         draws for its own shard); rank 0 also writes every role (adapter / weights and head) and
         the optimizer and schedule states under `path`, identical on the replicas."""
+        from align.trainers.checkpoint import optimizer_state
+
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         plain, tensors = rng_state()
         (out / RNG_FILE.format(rank=self.rank)).write_text(json.dumps(plain))
         torch.save(tensors, out / TORCH_RNG_FILE.format(rank=self.rank))
-        if self.rank != 0:
-            return
-        self.model.save(str(out))
-        torch.save({"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                    "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}, out / OPTIMIZER_FILE)
+        # Every replica takes part in gathering sharded weights and optimizer states (by name).
+        optimizers = {k: optimizer_state(self.model, o) for k, o in self.optimizers.items()}
+        with self.train_engine.gathered(self.model):
+            if self.rank == 0:
+                self.model.save(str(out))
+        if self.rank == 0:
+            torch.save({"optimizers": optimizers, "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}},
+                       out / OPTIMIZER_FILE)
 
     def export_actor(self, path: str) -> str | None:
         """Rank 0 writes the trained actor as a Hugging Face folder (the LoRA adapter merged
         into the base) with its tokenizer: what `from_pretrained`, quantization and serving load."""
-        if self.rank != 0:
-            return None
-        self.model.export_merged_actor(path, self.tokenizer)
-        return path
+        with self.train_engine.gathered(self.model):  # every replica (sharded weights are gathered)
+            if self.rank == 0:
+                self.model.export_merged_actor(path, self.tokenizer)
+        return path if self.rank == 0 else None
 
     def load(self, path: str) -> None:
         """Restore what `save` wrote: every replica loads rank 0's weights and optimizer states
         and its own RNG states. A checkpoint without this rank's RNG files (written by fewer
         replicas) resumes with a warning: dropout masks then differ from the uninterrupted run."""
-        self.model.load(path)
+        from align.trainers.checkpoint import load_optimizer_state
+
+        with self.train_engine.gathered(self.model, writeback=True):
+            self.model.load(path)
         state = torch.load(Path(path) / OPTIMIZER_FILE, weights_only=True)
         for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
+            load_optimizer_state(self.model, o, state["optimizers"][k])
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
         self.sync_rollout()

@@ -32,11 +32,12 @@ def make_batch(B: int = 16, seed: int = 0) -> Experience:
     )
 
 
-def spec_for(stories_path: str) -> WorkerSpec:
+def spec_for(stories_path: str, strategy: str = "single") -> WorkerSpec:
     """Plain SGD: a weight change is lr x the (clipped) gradient, so comparing weights compares
     gradients. (Adam's first step is ~lr x sign(g) whatever the gradient's scale, which would
     hide a wrong loss normaliser.)"""
-    trainer = TrainerConfig(lr=0.5, optimizer="sgd", warmup_steps=0, lr_scheduler="constant", max_grad_norm=1.0)
+    trainer = TrainerConfig(lr=0.5, optimizer="sgd", warmup_steps=0, lr_scheduler="constant", max_grad_norm=1.0,
+                            strategy=strategy)
     return WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune="lora"), trainer=trainer, roles=ROLES)
 
 
@@ -46,11 +47,13 @@ def losses(micro: int) -> dict:
 
 
 @pytest.mark.slow
-def test_two_replicas_take_the_same_steps_as_one_on_the_whole_batch(ray_cluster, stories_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_replicas_take_the_same_steps_as_one_on_the_whole_batch(ray_cluster, stories_path, strategy):
     """2 epochs x 2 minibatches of 8 rows with actor (clipped loss + k3 KL) and critic updates.
-    One replica runs each minibatch as 2 micro-batches of 4; two replicas (gloo) run 4 rows each
-    and sum gradients. Both replicas must end bitwise equal to each other and equal (to float
-    rounding) to the single replica; the weights must have moved."""
+    One replica runs each minibatch as 2 micro-batches of 4; two replicas (gloo; whole copies
+    under ddp, sharded under fsdp2) run 4 rows each and sum gradients. Both replicas must end
+    bitwise equal to each other and equal (to float rounding) to the single replica; the weights
+    must have moved. The reference/old log-probs and values of the no-grad pass are compared too."""
     from align.trainers.rl import dispatch_updates, update_plan
     from align.workers.group import Placement, WorkerGroup
 
@@ -65,8 +68,12 @@ def test_two_replicas_take_the_same_steps_as_one_on_the_whole_batch(ray_cluster,
     finally:
         one.kill()
 
-    two = WorkerGroup("dp-two", spec, num_replicas=2, run_id="test-dp")
+    two = WorkerGroup("dp-two", spec_for(stories_path, strategy), num_replicas=2, run_id="test-dp")
     try:
+        again = Placement({"actor": two, "critic": two}).annotate(make_batch(), ("reference", "actor", "critic"))
+        mask = batch.response_mask.float()  # positions past a response's end are padding
+        for field in ("ref_logp", "old_logp", "values"):
+            torch.testing.assert_close(getattr(again, field) * mask, getattr(batch, field) * mask, rtol=0, atol=1e-5)
         metrics_two = dispatch_updates({r: (two, losses(4)[r]) for r in ROLES}, minibatches, normalisers)
         after_two = {r: two.call("trainable_state", r) for r in ROLES}
     finally:

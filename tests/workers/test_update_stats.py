@@ -103,7 +103,9 @@ def test_logged_loss_parts_add_over_two_replicas(ray_cluster, stories_path, tmp_
     mb, normaliser = _minibatch(local)
     expected = one_pass_parts(local, mb, normaliser)
 
-    two = WorkerGroup("stats-two", spec, num_replicas=2, run_id="test-stats")
+    # fsdp2: the unsharded checkpoint loads into the shards, and the parts are still the step's
+    sharded = replace(spec, trainer=replace(spec.trainer, strategy="fsdp2"))
+    two = WorkerGroup("stats-two", sharded, num_replicas=2, run_id="test-stats")
     try:
         two.call("load", str(tmp_path / "start"))
         metrics = dispatch_updates({"actor": (two, replace(LOSS, micro_batch_size=4)),

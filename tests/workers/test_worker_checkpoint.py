@@ -23,7 +23,7 @@ def test_each_replica_saves_and_restores_its_own_rng(stories_path, tmp_path):
     `load` puts each replica back on its own stream. A replica whose files are missing warns,
     naming the file, and keeps its RNG."""
     spec = WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune="lora", lora=LoraConfig(dropout=0.1)),
-                      trainer=TrainerConfig(), roles=("actor",))
+                      trainer=TrainerConfig(strategy="ddp"), roles=("actor",))
     replicas = [ModelWorker(spec, rank=rank, world_size=2) for rank in (0, 1)]
     expected = {}
     for w in replicas:
