@@ -142,6 +142,10 @@ class TrainerConfig:
     run_name, project, group, tags: the tracker run's name (null: the output directory's name),
         project (W&B project, MLflow experiment, trackio project), group (W&B group; the pipeline
         groups its stages under its own name) and tags.
+    gradient_checkpointing: keep only each decoder layer's input for the backward pass and run the
+        layer's forward again there (align/models/checkpointing.py; KV-cached shared-prompt passes
+        included): activations fall to about one hidden state per token and layer, for one more
+        forward pass of compute (README "Scaling up" has measured figures).
     check_memory: at start-up, plan the run's memory (align/plan.py, `python -m align plan`) and
     `warn` when it will not fit this machine, refuse to start (`strict`), or skip the check (`off`).
     """
@@ -172,6 +176,7 @@ class TrainerConfig:
     group: Optional[str] = None
     tags: Tuple[str, ...] = ()
     check_memory: str = "warn"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         from align.engine import PRECISIONS

@@ -41,19 +41,28 @@ class TrainEngine:
 
     precision: one of PRECISIONS. device: where the model's parameters are (its type picks the
     autocast backend). world_size: data-parallel replicas in the default process group (1: none).
+    activation_checkpointing: `prepare` checkpoints every decoder layer
+    (`trainer.gradient_checkpointing`; align/models/checkpointing.py).
     """
 
-    def __init__(self, precision: str = "fp32", device: str | torch.device = "cpu", world_size: int = 1):
+    def __init__(self, precision: str = "fp32", device: str | torch.device = "cpu", world_size: int = 1,
+                 activation_checkpointing: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision: {precision!r} is not one of {list(PRECISIONS)}")
         self.precision = precision
         self.device_type = torch.device(device).type
         self.world_size = world_size
+        self.activation_checkpointing = activation_checkpointing
 
     # ---- set-up ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
         """Under bf16-mixed, make every trainable parameter an fp32 master weight (in place, before
-        the optimizer is built, so its states are fp32 too). Returns the model."""
+        the optimizer is built, so its states are fp32 too); with activation checkpointing, wrap
+        every decoder layer in a checkpoint. Returns the model."""
+        if self.activation_checkpointing:
+            from align.models.checkpointing import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
         if self.precision == "bf16-mixed":
             for p in model.parameters():
                 if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:

@@ -476,7 +476,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     model, tokenizer = build_policy(cfg.model)
     model.train()
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
-    engine = TrainEngine(tcfg.precision, device)  # every forward below runs in its compute precision
+    engine = TrainEngine(tcfg.precision, device, activation_checkpointing=tcfg.gradient_checkpointing)  # compute precision
     engine.prepare(model)
 
     # 3. Data: pairs (or unpaired KTO examples), split deterministically, tokenized.

@@ -288,7 +288,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 2. The reward role: a LoRA adapter + score head on the frozen base, or a full model + head.
     model, tokenizer = build_reward_model(cfg.model)
     model.train()
-    engine = TrainEngine(tcfg.precision, next(model.parameters()).device)
+    engine = TrainEngine(tcfg.precision, next(model.parameters()).device, activation_checkpointing=tcfg.gradient_checkpointing)
     engine.prepare(model)
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
 

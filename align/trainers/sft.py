@@ -107,7 +107,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 2. Model and tokenizer: full fine-tuning, or a LoRA adapter over a frozen base.
     model, tokenizer = build_policy(cfg.model)
     model.train()
-    engine = TrainEngine(tcfg.precision, next(model.parameters()).device)
+    engine = TrainEngine(tcfg.precision, next(model.parameters()).device, activation_checkpointing=tcfg.gradient_checkpointing)
     engine.prepare(model)
 
     # 3. Data: read, split deterministically, tokenize with the prompt masked.

@@ -135,7 +135,8 @@ class ModelWorker:
         self.model, self.tokenizer = build_role_model(spec)
         self.device = next(self.model.parameters()).device  # batches arrive on the CPU
         # Precision, the replicas' gradient sum, clipping and the step (align/engine).
-        self.train_engine = TrainEngine(spec.trainer.precision, self.device, world_size)
+        self.train_engine = TrainEngine(spec.trainer.precision, self.device, world_size,
+                                        activation_checkpointing=spec.trainer.gradient_checkpointing)
         self.train_engine.prepare(self.model)
         # A reward model with a base of its own (reward.model_path a classifier, not a reward role).
         self.scorer = build_scorer(spec)
