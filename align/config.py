@@ -192,6 +192,8 @@ class TrainerConfig:
         _positive("trainer.warmup_steps", self.warmup_steps, allow_zero=True)
         _one_of("trainer.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
         _one_of("trainer.check_memory", self.check_memory, ("warn", "strict", "off"))
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"trainer.gradient_checkpointing: expected true or false, got {self.gradient_checkpointing!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"trainer.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
         _positive("trainer.max_grad_norm", self.max_grad_norm, allow_zero=True)

@@ -224,10 +224,12 @@ def test_refuses_hugging_face_checkpointing_and_non_hf_models():
 
 
 def test_engine_prepare_applies_the_knob():
-    from align.config import TrainerConfig
+    from align.config import ConfigError, TrainerConfig
     from align.engine import TrainEngine
 
     assert TrainerConfig().gradient_checkpointing is False
+    with pytest.raises(ConfigError, match="trainer.gradient_checkpointing"):
+        TrainerConfig(gradient_checkpointing="yes")
     model = tiny_lm()
     TrainEngine("fp32", "cpu").prepare(model)
     assert not is_checkpointed(model)
