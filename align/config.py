@@ -147,6 +147,10 @@ class TrainerConfig:
         model; gradients summed once per step) or `fsdp2` (parameters, gradients and optimizer state
         sharded over the replicas with PyTorch FSDP2). Batch sizes are global: N replicas train on
         the same examples per step as one.
+    gradient_checkpointing: keep only each decoder layer's input for the backward pass and run the
+        layer's forward again there (align/models/checkpointing.py; KV-cached shared-prompt passes
+        included): activations fall to about one hidden state per token and layer, for one more
+        forward pass of compute (README "Scaling up" has measured figures).
     check_memory: at start-up, plan the run's memory (align/plan.py, `python -m align plan`) and
     `warn` when it will not fit this machine, refuse to start (`strict`), or skip the check (`off`).
     """
@@ -178,6 +182,7 @@ class TrainerConfig:
     group: Optional[str] = None
     tags: Tuple[str, ...] = ()
     check_memory: str = "warn"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         from align.engine import PRECISIONS, STRATEGIES
@@ -194,6 +199,8 @@ class TrainerConfig:
         _positive("trainer.warmup_steps", self.warmup_steps, allow_zero=True)
         _one_of("trainer.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
         _one_of("trainer.check_memory", self.check_memory, ("warn", "strict", "off"))
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"trainer.gradient_checkpointing: expected true or false, got {self.gradient_checkpointing!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"trainer.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
         _positive("trainer.max_grad_norm", self.max_grad_norm, allow_zero=True)

@@ -75,10 +75,12 @@ class TrainEngine:
     precision: one of PRECISIONS. device: where the model's parameters are (its type picks the
     autocast backend and the mesh's device). strategy: one of STRATEGIES. world_size: replicas in
     the default process group (None: read it from torch.distributed; 1 without a group).
+    activation_checkpointing: `prepare` checkpoints every decoder layer
+    (`trainer.gradient_checkpointing`; align/models/checkpointing.py).
     """
 
     def __init__(self, precision: str = "fp32", device: str | torch.device = "cpu", world_size: int | None = None,
-                 strategy: str = "single"):
+                 strategy: str = "single", activation_checkpointing: bool = False):
         from align.engine import distributed
 
         if precision not in PRECISIONS:
@@ -92,6 +94,7 @@ class TrainEngine:
             raise ValueError(f"trainer.strategy=single holds one replica, but {self.world_size} run: "
                              "use trainer.strategy=ddp or fsdp2")
         self.strategy = strategy
+        self.activation_checkpointing = activation_checkpointing
         self._root: nn.Module | None = None
 
     @property
@@ -100,9 +103,14 @@ class TrainEngine:
 
     # ---- set-up ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Apply the precision policy (under bf16-mixed every trainable parameter becomes an fp32
-        master weight) and the strategy (ddp: replicas start from rank 0's weights; fsdp2: shard),
-        in place, before the optimizer is built. Returns the model."""
+        """Apply activation checkpointing (every decoder layer wrapped), the precision policy (under
+        bf16-mixed every trainable parameter becomes an fp32 master weight) and the strategy (ddp:
+        replicas start from rank 0's weights; fsdp2: shard), in place, before the optimizer is
+        built. Returns the model."""
+        if self.activation_checkpointing:
+            from align.models.checkpointing import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
         if self.precision == "bf16-mixed":
             for p in model.parameters():
                 if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:

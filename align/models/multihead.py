@@ -13,8 +13,9 @@ here the base is held once, and each role trains only its adapter and head.
 
 Switching roles is state on the shared base (peft's active adapter), set by every verb before
 its forward. A graph already built keeps the weights it used, so a role's loss may be built,
-other roles run, and then `backward` called. Gradient checkpointing would replay the forward
-under whatever role is active at backward time, so it is not enabled here.
+other roles run, and then `backward` called. Activation checkpointing
+(align/models/checkpointing.py) replays each layer under the adapter it first ran with, not the
+one active at backward time; Hugging Face's own gradient checkpointing would not, and is not used.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class MultiHeadModel(RoleModel):
         self.role_configs = enabled
         self.roles = tuple(r for r in ROLES if r in enabled)
 
-        if _is_quantized(base):  # QLoRA: layer norms to fp32, base frozen; no gradient checkpointing (see module doc)
+        if _is_quantized(base):  # QLoRA: layer norms to fp32, base frozen; not HF's checkpointing (see module doc)
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         base.requires_grad_(False)
         first, *rest = self.roles

@@ -503,8 +503,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     model, tokenizer = build_policy(cfg.model)
     model.train()
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
-    engine = TrainEngine(tcfg.precision, device, strategy=tcfg.strategy)  # every forward below runs through it
-    engine.prepare(model)  # fp32 masters under bf16-mixed; sharded under fsdp2
+    engine = TrainEngine(tcfg.precision, device, strategy=tcfg.strategy,  # every forward below runs through it
+                         activation_checkpointing=tcfg.gradient_checkpointing)
+    engine.prepare(model)  # checkpointed layers; fp32 masters under bf16-mixed; sharded under fsdp2
 
     # 3. Data: pairs (or unpaired KTO examples), split deterministically, tokenized.
     data = load_preference_data(cfg.data, algo, tokenizer, cfg.seed)

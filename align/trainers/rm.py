@@ -293,8 +293,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 2. The reward role: a LoRA adapter + score head on the frozen base, or a full model + head.
     model, tokenizer = build_reward_model(cfg.model)
     model.train()
-    engine = TrainEngine(tcfg.precision, next(model.parameters()).device, strategy=tcfg.strategy)
-    engine.prepare(model)  # fp32 masters under bf16-mixed; sharded under fsdp2
+    engine = TrainEngine(tcfg.precision, next(model.parameters()).device, strategy=tcfg.strategy,
+                         activation_checkpointing=tcfg.gradient_checkpointing)
+    engine.prepare(model)  # checkpointed layers; fp32 masters under bf16-mixed; sharded under fsdp2
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
 
     # 3. Data: pairs (with their margins), split deterministically, tokenized.

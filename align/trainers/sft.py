@@ -112,8 +112,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 2. Model and tokenizer: full fine-tuning, or a LoRA adapter over a frozen base.
     model, tokenizer = build_policy(cfg.model)
     model.train()
-    engine = TrainEngine(tcfg.precision, next(model.parameters()).device, strategy=tcfg.strategy)
-    engine.prepare(model)  # fp32 masters under bf16-mixed; sharded under fsdp2
+    engine = TrainEngine(tcfg.precision, next(model.parameters()).device, strategy=tcfg.strategy,
+                         activation_checkpointing=tcfg.gradient_checkpointing)
+    engine.prepare(model)  # checkpointed layers; fp32 masters under bf16-mixed; sharded under fsdp2
 
     # 3. Data: read, split deterministically, tokenize with the prompt masked.
     data = load_sft_data(cfg.data, tokenizer)

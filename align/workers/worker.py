@@ -134,10 +134,11 @@ class ModelWorker:
                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): did it ask Ray for one?")
         self.model, self.tokenizer = build_role_model(spec)
         self.device = next(self.model.parameters()).device  # batches arrive on the CPU
-        # Strategy, precision, the replicas' gradient reduction, clipping and the step (align/engine).
-        # With replicas, the model is prepared (broadcast or sharded) once their group exists.
+        # Strategy, precision, checkpointing, the replicas' gradient reduction, clipping and the step
+        # (align/engine). With replicas, the model is prepared (broadcast or sharded) once their group exists.
         self.train_engine = TrainEngine(spec.trainer.precision, self.device, world_size,
-                                        strategy=spec.trainer.strategy if world_size > 1 else "single")
+                                        strategy=spec.trainer.strategy if world_size > 1 else "single",
+                                        activation_checkpointing=spec.trainer.gradient_checkpointing)
         # A reward model with a base of its own (reward.model_path a classifier, not a reward role).
         self.scorer = build_scorer(spec)
         self.engine, self.rollout_model = None, None
