@@ -8,12 +8,14 @@ import os
 import random
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 import torch
 
 from align.config import TrainerConfig
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> None:
@@ -114,3 +116,22 @@ def prepare_output_dir(output_dir: str, run_cfg, hydra_cfg=None) -> Path:
 
 def cpu_count_hint() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def step_micro_batches(batches: list[list[T]], max_tokens: int | None, length: Callable[[T], int],
+                       min_count: int = 1) -> list[list[T]]:
+    """The items of one optimizer step, as micro-batches.
+
+    batches: the step's `grad_accum` batches of `batch_size` items (the data order's draws).
+    max_tokens: null keeps them as they are (row-count micro-batches); a number
+        (`trainer.max_tokens_per_micro`) re-cuts all the step's items into micro-batches of at
+        most that many tokens, `length(item)` each (align/data/packing.py
+        `token_budget_micro_batches`), for padding-free passes. Empty ones are left out.
+    """
+    if max_tokens is None:
+        return batches
+    from align.data.packing import token_budget_micro_batches
+
+    items = [x for batch in batches for x in batch]
+    cuts = token_budget_micro_batches([length(x) for x in items], max_tokens, min_count)
+    return [[items[i] for i in rows] for rows in cuts if rows]

@@ -52,12 +52,14 @@ from align.trainers.common import (
     prepare_output_dir,
     seed_everything,
     set_threads,
+    step_micro_batches,
 )
 from align.trainers.logps import (
     collate_sequences,
     collate_shared,
     concatenated_logps,
     response_logps,
+    shared_prompt_cost,
     shared_prompt_logps,
 )
 from align.trainers.metrics import RunLogger
@@ -192,6 +194,8 @@ def precompute_reference(model, objective: "PreferenceObjective", groups: list[l
         return torch.cat(out)
 
     layout = f"share_prompt={algo.share_prompt} chunks={size} groups={[len(g) for g in groups]}"
+    if objective.packed:  # other passes, other rounding: a cache entry of its own
+        layout += " packed"
     cache_dir = (algo.reference_cache_dir or default_cache_dir()) if algo.reference_cache else None
     logps, hit = reference_logps(model, [s for x in items for s in item_sequences(x)], compute, model_cfg=cfg.model,
                                  tokenizer=tokenizer, cache_dir=cache_dir, layout=layout,
@@ -298,20 +302,26 @@ def loss_options(algo: DPOConfig, loss_fn) -> dict:
 class PreferenceObjective:
     """The configured loss on batches: policy log-probs, reference log-probs, loss, statistics."""
 
-    def __init__(self, algo: DPOConfig, reference: OnlineReference | None):
-        self.algo, self.reference = algo, reference
+    def __init__(self, algo: DPOConfig, reference: OnlineReference | None, packed: bool = False):
+        self.algo, self.reference, self.packed = algo, reference, packed
         self.loss_fn = PREFERENCE_LOSSES.get(algo.loss)
         self.options = loss_options(algo, self.loss_fn)
         self.uses_reference = algo.loss not in REFERENCE_FREE_LOSSES
-        self.pair_logps = shared_prompt_logps if algo.share_prompt else concatenated_logps
 
     def logps(self, model, batch: PairBatch | UnpairedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(2B,) summed log-probs and lengths of every sequence of the batch, in `item_sequences`
-        order: chosen, rejected of each pair; or completion, mismatched completion of each example."""
+        order: chosen, rejected of each pair; or completion, mismatched completion of each example.
+
+        Pairs take the shared-prompt pass (`algo.share_prompt`) or concatenated rows; packed
+        (`trainer.max_tokens_per_micro`), concatenated rows run padding-free, and with
+        share_prompt the batch takes whichever of the two computes fewer positions."""
         if isinstance(batch, PairBatch):
-            return self.pair_logps(model, **batch.tensors, k=2)
-        main = response_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
-        kl = response_logps(model, batch.kl_input_ids, batch.kl_attention_mask, batch.kl_loss_mask)
+            shared, packed = shared_prompt_cost(batch.prompt_mask, batch.response_mask, k=2)
+            if self.algo.share_prompt and (not self.packed or shared <= packed):
+                return shared_prompt_logps(model, **batch.tensors, k=2)
+            return concatenated_logps(model, **batch.tensors, k=2, packed=self.packed)
+        main = response_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask, self.packed)
+        kl = response_logps(model, batch.kl_input_ids, batch.kl_attention_mask, batch.kl_loss_mask, self.packed)
         return torch.stack([main[0], kl[0]], 1).reshape(-1), torch.stack([main[1], kl[1]], 1).reshape(-1)
 
     def reference_logps(self, batch: PairBatch | UnpairedBatch) -> torch.Tensor | None:
@@ -352,12 +362,12 @@ class PreferenceObjective:
     def kto_point(self, model, micro: list[UnpairedBatch], refs: list[torch.Tensor]) -> torch.Tensor:
         """z0 for the whole step, from every micro-batch's mismatched pairs, without gradient."""
         with torch.no_grad():
-            policy = torch.cat([response_logps(model, b.kl_input_ids, b.kl_attention_mask, b.kl_loss_mask)[0]
-                                for b in micro])
+            policy = torch.cat([response_logps(model, b.kl_input_ids, b.kl_attention_mask, b.kl_loss_mask,
+                                               self.packed)[0] for b in micro])
         return kto_reference_point(policy, torch.cat([ref[1::2] for ref in refs]))
 
     def unpaired_step_share(self, model, batch: UnpairedBatch, ref: torch.Tensor, z0: torch.Tensor, share: float):
-        logps, _ = response_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)  # (B,)
+        logps, _ = response_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask, self.packed)  # (B,)
         loss, stats = self.loss_fn(logps, ref[0::2], batch.desirable, z0, beta=self.algo.beta, **self.options)
         out = {STAT_NAMES.get(k, k): v for k, v in stats.items()}
         out.update({"logps/chosen": masked_mean(logps.detach(), batch.desirable),
@@ -367,21 +377,24 @@ class PreferenceObjective:
 
 def step_loss(objective: PreferenceObjective, model, micro: list) -> tuple[float, dict]:
     """Forward and backward every micro-batch of one optimizer step; returns the step's loss and
-    its statistics (means over the step)."""
+    its statistics (means over the step). Each micro-batch weighs its share of the step's items,
+    so micro-batches of unequal sizes (token budgets) add up to the step's mean."""
+    sizes = [len(b.desirable if isinstance(b, UnpairedBatch) else b.prompt_ids) for b in micro]
+    shares = [n / sum(sizes) for n in sizes]
     if isinstance(micro[0], PairBatch):
         chosen_tokens = [b.chosen_tokens for b in micro]
-        parts = (objective.pair_step_share(model, b, 1 / len(micro), n / sum(chosen_tokens))
-                 for b, n in zip(micro, chosen_tokens))
+        parts = (objective.pair_step_share(model, b, share, n / sum(chosen_tokens))
+                 for b, share, n in zip(micro, shares, chosen_tokens))
     else:
         refs = [objective.reference_logps(b) for b in micro]  # (2B,) each: example, mismatched twin
         z0 = objective.kto_point(model, micro, refs)
-        parts = (objective.unpaired_step_share(model, b, ref, z0, 1 / len(micro)) for b, ref in zip(micro, refs))
+        parts = (objective.unpaired_step_share(model, b, ref, z0, share) for b, ref, share in zip(micro, refs, shares))
     total, stats = 0.0, {}
-    for loss, micro_stats in parts:
+    for (loss, micro_stats), share in zip(parts, shares):
         loss.backward()
         total += float(loss.detach())
         for k, v in micro_stats.items():
-            stats[k] = stats.get(k, 0.0) + float(v) / len(micro)
+            stats[k] = stats.get(k, 0.0) + float(v) * share
     return total, stats
 
 
@@ -402,7 +415,7 @@ def prepare_reference(model, groups: list[list[dict]], cfg: RunConfig, tokenizer
     if not algo.precompute_reference:
         return OnlineReference(model, lora=cfg.model.finetune == "lora"), "computed per batch"
     t0 = time.perf_counter()
-    hit = precompute_reference(model, PreferenceObjective(algo, None), groups, cfg, tokenizer)
+    hit = precompute_reference(model, PreferenceObjective(algo, None, packed_passes(cfg)), groups, cfg, tokenizer)
     counts = " + ".join(str(len(g)) for g in groups)
     return None, f"{'read from cache' if hit else 'precomputed'} for {counts} items in {time.perf_counter() - t0:.1f}s"
 
@@ -453,7 +466,18 @@ def evaluate(model, objective: PreferenceObjective, items: list[dict], pad_id: i
 def _dpo_statistics(kto: PreferenceObjective) -> PreferenceObjective:
     """KTO's held-out pairs are scored with DPO's implicit reward beta log pi/pi_ref."""
     algo = kto.algo
-    return PreferenceObjective(DPOConfig(loss="sigmoid", beta=algo.beta, share_prompt=algo.share_prompt), kto.reference)
+    return PreferenceObjective(DPOConfig(loss="sigmoid", beta=algo.beta, share_prompt=algo.share_prompt), kto.reference,
+                               kto.packed)
+
+
+def packed_passes(cfg: RunConfig) -> bool:
+    """Padding-free passes: with token-budget micro-batches (`trainer.max_tokens_per_micro`)."""
+    return cfg.trainer.max_tokens_per_micro is not None
+
+
+def item_tokens(item: dict) -> int:
+    """An item's tokens in a padding-free pass: the prompt + response of each of its two sequences."""
+    return sum(len(p) + len(r) for p, r in item_sequences(item))
 
 
 def _prefixed(prefix: str, metrics: dict) -> dict:
@@ -490,7 +514,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     visited = [data.train[i] for i in visited_items(order, tcfg.max_steps * tcfg.grad_accum)]
     with engine.autocast():
         reference, ref_note = prepare_reference(model, [visited, val_items], cfg, tokenizer)
-    objective = PreferenceObjective(algo, reference)
+    objective = PreferenceObjective(algo, reference, packed_passes(cfg))
 
     # 5. Optimizer, schedule, and resume from the newest checkpoint when there is one.
     optimizer = build_optimizer(model.named_parameters(), tcfg)
@@ -518,7 +542,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 6. The loop: micro-batches -> loss share -> backward; clip, step; evaluate, checkpoint.
     for step in range(start + 1, tcfg.max_steps + 1):
         t0 = time.perf_counter()
-        micro = [collate([data.train[i] for i in order.next()], pad_id, device) for _ in range(tcfg.grad_accum)]
+        drawn = [[data.train[i] for i in order.next()] for _ in range(tcfg.grad_accum)]
+        micro = [collate(b, pad_id, device) for b in step_micro_batches(drawn, tcfg.max_tokens_per_micro, item_tokens)]
         with engine.autocast():
             loss, stats = step_loss(objective, model, micro)
         if not math.isfinite(loss):
