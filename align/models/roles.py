@@ -74,31 +74,56 @@ def head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, 
     return (logp, entropy_from_logits(logits)) if entropy else logp
 
 
-def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded rows -> one packed row, for a padding-free forward (veRL's `use_remove_padding`,
+def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded rows -> packed rows, for a padding-free forward (veRL's `use_remove_padding`,
     OpenRLHF's `packing_samples`).
 
     input_ids, attention_mask: (B, T), each row's real tokens contiguous (left, right, or both
-    sides padded). Returns ids (1, N) the N real tokens row after row, position_ids (1, N)
-    restarting at 0 at each row's first real token, and index (N,) each token's place in the
-    flattened (B * T) layout. Hugging Face models (transformers >= 5) read restarting position
-    ids without an attention mask as packed sequences and attend within each one only
+    sides padded). The B sequences are placed whole, first-fit in decreasing length, into R rows
+    of at most T tokens (the longest sequence's room): without a variable-length attention
+    kernel (flash-attention), attention over a packed row costs its length squared, so rows stay
+    as short as the padded batch's and only the padding goes. Returns ids and position_ids
+    (R, C), C <= T, positions restarting at 0 at each sequence (the padding at a row's end is one
+    more sequence, attending to itself only); index (N,), each real token's place in the
+    flattened (B * T) layout, in that order; and slots (N,), its place in the flattened (R * C)
+    packed layout. Hugging Face models (transformers >= 5) read restarting position ids without
+    an attention mask as packed sequences and attend within each one only
     (`masking_utils.find_packed_sequence_indices`: a block-diagonal causal mask for sdpa/eager,
     variable-length kernels for flash attention).
     """
     mask = attention_mask.bool()
+    B, T = mask.shape
+    lengths = mask.sum(1).tolist()
+    room: list[int] = []  # free tokens per packed row
+    row, offset = [0] * B, [0] * B
+    for b in sorted(range(B), key=lambda b: -lengths[b]):  # first-fit decreasing; ties keep row order
+        r = next((r for r, free in enumerate(room) if lengths[b] <= free), len(room))
+        if r == len(room):
+            room.append(T)
+        row[b], offset[b] = r, T - room[r]
+        room[r] -= lengths[b]
+    R = max(len(room), 1)
+    fill = torch.tensor([T - free for free in room] or [0], device=mask.device)  # (R,) tokens per packed row
+    C = max(int(fill.max()), 1)
     index = mask.flatten().nonzero().squeeze(1)  # (N,)
-    positions = (mask.long().cumsum(-1) - 1).flatten()[index]
-    return input_ids.flatten()[index][None], positions[None], index
+    b_of = index // T
+    pos = (mask.long().cumsum(-1) - 1).flatten()[index]  # (N,) position within its sequence
+    slots = (torch.tensor(row, device=mask.device)[b_of] * C + torch.tensor(offset, device=mask.device)[b_of] + pos)
+    ids = input_ids.new_zeros(R * C).index_copy(0, slots, input_ids.flatten()[index]).view(R, C)
+    cols = torch.arange(C, device=mask.device).expand(R, C)
+    positions = torch.where(cols >= fill[:, None], cols - fill[:, None], 0).flatten()  # the tail: 0, 1, ...
+    positions = positions.index_copy(0, slots, pos).view(R, C)
+    return ids, positions, index, slots
 
 
 def packed_hidden(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, N, H) last hidden states of the real tokens of (B, T) padded rows from one
-    padding-free pass of `backbone` (a decoder stack, `lm_backbone`), and their index (N,) into
-    the flattened (B * T) layout (`unpad`)."""
-    ids, positions, index = unpad(input_ids, attention_mask)
-    hidden = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
-    return hidden, index
+    """(1, N, H) last hidden states of the N real tokens of (B, T) padded rows, in row-major
+    order, from one padding-free pass of `backbone` (a decoder stack, `lm_backbone`) over the
+    packed rows of `unpad`, and their index (N,) into the flattened (B * T) layout."""
+    ids, positions, index, slots = unpad(input_ids, attention_mask)
+    hidden = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state  # (R, C, H)
+    return hidden.flatten(0, 1)[slots][None], index
 
 
 def pad_hidden(hidden: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

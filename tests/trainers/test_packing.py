@@ -57,29 +57,33 @@ def _tiny(kind: str, impl: str):
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_packed_rows_attend_within_themselves_only(kind, impl):
-    """Rows padded left, right and both, packed into one row with restarting position ids and no
+    """Rows padded left, right and both, packed two to a row with restarting position ids and no
     attention mask: the hidden states and next-token log-probs equal the padded forward's (the
     model builds the block-diagonal mask itself)."""
-    from align.models.roles import head_logprobs, lm_backbone, packed_hidden, packed_token_logprobs, pad_hidden
+    from align.models.roles import (head_logprobs, lm_backbone, packed_hidden, packed_token_logprobs, pad_hidden,
+                                    unpad)
 
     model = _tiny(kind, impl)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 97, (3, 10), generator=g)
-    mask = torch.ones(3, 10, dtype=torch.long)
-    mask[0, 7:] = 0
-    mask[1, :3] = 0
-    mask[2, :1] = 0
-    mask[2, 8:] = 0
+    ids = torch.randint(1, 97, (4, 10), generator=g)
+    mask = torch.zeros(4, 10, dtype=torch.long)
+    mask[0, :7] = 1  # right-padded, 7 tokens
+    mask[1, 7:] = 1  # left-padded, 3
+    mask[2, 2:6] = 1  # both sides, 4
+    mask[3, :5] = 1  # 5
+    packed_ids, positions, _, _ = unpad(ids, mask)
+    assert packed_ids.shape == (2, 10)  # [7 + 3], [5 + 4 + 1 padding]
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1, 2, 3, 0]]
     backbone = lm_backbone(model)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     padded = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
     hidden, index = packed_hidden(backbone, ids, mask)
     assert hidden.shape == (1, int(mask.sum()), 32)
     real = mask.bool()
-    torch.testing.assert_close(pad_hidden(hidden, index, (3, 10))[real], padded[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pad_hidden(hidden, index, (4, 10))[real], padded[real], atol=1e-5, rtol=1e-5)
     scored = (mask[:, 1:] * mask[:, :-1]).bool()
     expected = head_logprobs(model, padded[:, :-1], ids[:, 1:])
-    got = packed_token_logprobs(model, hidden, ids, index, (3, 10))
+    got = packed_token_logprobs(model, hidden, ids, index, (4, 10))
     torch.testing.assert_close(got[scored], expected[scored], atol=1e-5, rtol=1e-5)
     assert (got[~scored] == 0).all()
 
