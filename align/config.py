@@ -148,7 +148,7 @@ class TrainerConfig:
         A number switches every trainer to padding-free packing with token-budget micro-batches:
         the optimizer step's examples (`batch_size * grad_accum`; an RL minibatch) are cut into
         micro-batches of at most this many real tokens each (align/data/packing.py
-        `token_budget_micro_batches`), and each micro-batch runs its sequences packed into one row
+        `token_budget_micro_batches`), and each micro-batch runs its sequences packed into rows
         with restarting position ids, no padding computed. Losses keep the whole step's
         normaliser, so results equal the padded path's up to float rounding. Must be at least the
         longest single sequence (a DPO/RM pair or KTO example counts as its two sequences; an RL

@@ -289,8 +289,8 @@ class RoleModel(nn.Module):
     """
 
     is_lora: bool = False
-    # Padding-free passes (`trainer.max_tokens_per_micro` set): every row of a batch packed into
-    # one with restarting position ids (`unpad`); set by the trainer or worker that owns the model.
+    # Padding-free passes (`trainer.max_tokens_per_micro` set): a batch's sequences packed into
+    # rows with restarting position ids (`unpad`); set by the trainer or worker that owns the model.
     packed: bool = False
     multi_role_modes: tuple[str, ...] = ("separate",)
     value_head: nn.Linear | None
@@ -381,7 +381,7 @@ class RoleModel(nn.Module):
         a shared prompt it is one pass over the whole rows. With `entropy` it returns
         (log-probs, entropies), both (B, R): the entropy of the distribution each token came from.
 
-        Packed (`self.packed`): the whole rows run padding-free in one packed row (`unpad`),
+        Packed (`self.packed`): the whole rows run padding-free, packed (`unpad`),
         unless the shared-prompt pass computes fewer tokens (U distinct prompts: U * P + B * R
         padded positions against the rows' real tokens); both give the same numbers.
         """

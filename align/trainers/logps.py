@@ -65,7 +65,7 @@ def response_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
     Args:
         input_ids, attention_mask, loss_mask: (N, T), right-padded; loss_mask 1 on response tokens.
-        packed: run the rows padding-free as one packed row (`align.models.roles.unpad`), the LM
+        packed: run the rows padding-free, packed (`align.models.roles.unpad`), the LM
             head on response positions only; the same numbers up to float rounding.
 
     Returns:

@@ -59,7 +59,7 @@ def token_nll(model: torch.nn.Module, batch: SFTBatch, packed: bool = False) -> 
     """Per-token negative log-likelihood of the next token.
 
     Returns nll (B, T-1) and mask (B, T-1): position t scores token t+1, and the mask is 1
-    where that token is a response token. `packed`: the rows run padding-free as one packed row
+    where that token is a response token. `packed`: the rows run padding-free, packed
     (`trainer.max_tokens_per_micro`), the LM head on response positions only; same numbers.
     """
     targets = batch.labels[:, 1:]  # (B, T-1)

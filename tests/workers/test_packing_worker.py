@@ -53,6 +53,14 @@ def test_packed_annotate_and_updates_equal_the_padded_path(stories_path, monkeyp
         got, want = packed_notes[key], padded_notes[key]
         real = torch.cat([mask, _grouped(make_batch(8, seed=2)).response_mask])
         torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5, msg=key)
+    rows = make_batch(8, seed=3)
+    ids, attention = rows.input_ids, rows.attention_mask
+    scored = (attention[:, 1:] * attention[:, :-1]).bool()
+    with torch.no_grad():
+        packed_lp = worker.model.log_probs(ids, attention, role="reference")  # still packed from run(40)
+        worker.model.packed = False
+        padded_lp = worker.model.log_probs(ids, attention, role="reference")
+    torch.testing.assert_close(packed_lp[scored], padded_lp[scored], atol=1e-5, rtol=1e-5)
     for role in ROLES:
         moved = max(float((a - b).abs().max()) for a, b in zip(padded[role], initial[role]))
         assert moved > 1e-4
