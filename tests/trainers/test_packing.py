@@ -60,8 +60,7 @@ def test_packed_rows_attend_within_themselves_only(kind, impl):
     """Rows padded left, right and both, packed two to a row with restarting position ids and no
     attention mask: the hidden states and next-token log-probs equal the padded forward's (the
     model builds the block-diagonal mask itself)."""
-    from align.models.roles import (head_logprobs, lm_backbone, packed_hidden, packed_token_logprobs, pad_hidden,
-                                    unpad)
+    from align.models.roles import head_logprobs, lm_backbone, packed_hidden, packed_token_logprobs, pad_hidden, unpad
 
     model = _tiny(kind, impl)
     g = torch.Generator().manual_seed(0)
