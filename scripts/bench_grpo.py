@@ -58,8 +58,9 @@ work; transformers 5.24, TRL 1.16, 2026-11-29):
 
 Two more story runs of 3 pairs: 1.89 (1.48-1.94) at load ~1, and 1.50 (1.35-1.77) with a test
 suite running beside it, which is what the host's noise does to a single pair.
-`--mixed`: GSM8K prompts with long answers (`--max-new-tokens 256`; responses stop at EOS or run
-to the cap, so lengths vary widely) and a third run, `ours_packed`, with padding-free packing and
+`--mixed`: GSM8K prompts with long answers (`--max-new-tokens 256`, ours stopping at the first
+"!" so that stories260K's answers are of mixed lengths, see MIXED_STOP; TRL's side has no stop
+string) and a third run, `ours_packed`, with padding-free packing and
 token-budget micro-batches (`trainer.max_tokens_per_micro`, `--max-tokens-per-micro`; the
 shared-prompt pass kept per micro-batch where it computes fewer positions). `packing_speedup`:
 ours / ours_packed seconds per step (generation, which packing does not touch, included);
@@ -109,6 +110,12 @@ WORKLOADS = {
 }
 
 
+# --mixed: stories260K cannot answer GSM8K and rarely ends a sample by itself, so every response
+# would run to the cap; stopping at its first "!" gives long answers of mixed lengths (a 32-sample
+# draw at 256 new tokens: 20 to 256 tokens, median ~250, ~45% stopped early).
+MIXED_STOP = "!"
+
+
 def our_overrides(args, output_dir: str) -> list[str]:
     """The Hydra overrides of our run (also used by the TRL side to read the same prompt list)."""
     rows = args.prompts_per_step * args.num_generations
@@ -132,7 +139,8 @@ def our_overrides(args, output_dir: str) -> list[str]:
         f"trainer.num_threads={args.threads}", "trainer.progress=false", "trainer.resume=never",
         f"cluster.num_cpus_per_worker={args.threads}", f"cluster.num_cpus={args.threads}", "cluster.num_replicas=1",
         f"seed={args.seed}", f"output_dir={output_dir}",
-    ] + ([f"trainer.max_tokens_per_micro={args.max_tokens_per_micro}"] if args.worker == "ours_packed" else [])
+    ] + ([f"trainer.max_tokens_per_micro={args.max_tokens_per_micro}"] if args.worker == "ours_packed" else []) + (
+        [f"rollout.stop=[{MIXED_STOP!r}]"] if args.mixed else [])
 
 
 def peak_rss_mb() -> float:
@@ -411,7 +419,8 @@ def worker_argv(args) -> list[str]:
             f"--max-new-tokens={args.max_new_tokens}", f"--max-prompt-length={args.max_prompt_length}",
             f"--temperature={args.temperature}", f"--beta={args.beta}", f"--lr={args.lr}",
             f"--finetune={args.finetune}", f"--threads={args.threads}", f"--seed={args.seed}",
-            f"--workload={args.workload}", f"--max-tokens-per-micro={args.max_tokens_per_micro}"]
+            f"--workload={args.workload}", f"--max-tokens-per-micro={args.max_tokens_per_micro}"] + (
+                ["--mixed"] if args.mixed else [])
 
 
 def main() -> None:
