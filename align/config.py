@@ -153,6 +153,16 @@ class TrainerConfig:
         forward pass of compute (README "Scaling up" has measured figures).
     check_memory: at start-up, plan the run's memory (align/plan.py, `python -m align plan`) and
     `warn` when it will not fit this machine, refuse to start (`strict`), or skip the check (`off`).
+    max_tokens_per_micro: null (default) keeps row-count micro-batches (`batch_size` rows, padded).
+        A number switches every trainer to padding-free packing with token-budget micro-batches:
+        the optimizer step's examples (`batch_size * grad_accum`; an RL minibatch) are cut into
+        micro-batches of at most this many real tokens each (align/data/packing.py
+        `token_budget_micro_batches`), and each micro-batch runs its sequences packed into rows
+        with restarting position ids, no padding computed. Losses keep the whole step's
+        normaliser, so results equal the padded path's up to float rounding. Must be at least the
+        longest single sequence (a DPO/RM pair or KTO example counts as its two sequences; an RL
+        row as prompt + response), checked when the batch is cut. `batch_size` then only sets how
+        many examples a step draws (with grad_accum); RL no-grad passes take the same budget.
     """
 
     max_steps: int = 100
@@ -183,6 +193,7 @@ class TrainerConfig:
     tags: Tuple[str, ...] = ()
     check_memory: str = "warn"
     gradient_checkpointing: bool = False
+    max_tokens_per_micro: Optional[int] = None
 
     def __post_init__(self):
         from align.engine import PRECISIONS, STRATEGIES
@@ -208,6 +219,8 @@ class TrainerConfig:
         _positive("trainer.save_every", self.save_every)
         _positive("trainer.keep_checkpoints", self.keep_checkpoints)
         _positive("trainer.num_threads", self.num_threads, allow_zero=True)
+        if self.max_tokens_per_micro is not None:
+            _positive("trainer.max_tokens_per_micro", self.max_tokens_per_micro)
         if len(self.betas) != 2:
             raise ConfigError(f"trainer.betas: expected two numbers, got {list(self.betas)!r}")
 

@@ -58,6 +58,26 @@ work; transformers 5.24, TRL 1.16, 2026-11-29):
 
 Two more story runs of 3 pairs: 1.89 (1.48-1.94) at load ~1, and 1.50 (1.35-1.77) with a test
 suite running beside it, which is what the host's noise does to a single pair.
+`--mixed`: GSM8K prompts with long answers (`--max-new-tokens 256`, ours stopping at the first
+"!" so that stories260K's answers are of mixed lengths, see MIXED_STOP; TRL's side has no stop
+string) and a third run, `ours_packed`, with padding-free packing and
+token-budget micro-batches (`trainer.max_tokens_per_micro`, `--max-tokens-per-micro`; the
+shared-prompt pass kept per micro-batch where it computes fewer positions). `packing_speedup`:
+ours / ours_packed seconds per step (generation, which packing does not touch, included);
+`packing_speedup_update`: the same over the reference pass + update phases only.
+
+Measured (`--mixed --steps 4 --warmup 1`, 8 prompts x G=8, responses 20-256 tokens, mean 185;
+one thread, 2-core CPU shared at load 7-9, 2026-12-02; TRL not installed there): ours 12.2
+s/step (reference 1.62 s, update 5.53 s), ours_packed at 16,384 tokens 16.7 s/step (2.30, 8.34):
+packing_speedup 0.73, update 0.67, with generation (which packing does not touch) itself 1.27x
+apart between the two runs. Packing does not pay here: the 8 samples of a prompt share it, the
+shared-prompt pass (kept per micro-batch where it computes fewer positions, as it did here)
+already skips 7 of its 8 copies, and the budget cut the minibatch into two micro-batches that
+each ran all 8 prompts. At 32,768 tokens (one micro-batch, shared-prompt pass): 8.5 against 10.3
+s/step, update 4.13 against 4.58 s (0.89x), generation 0.91x apart, i.e. the same within the
+host's noise. For GRPO with many samples per prompt leave the budget unset (or at
+least the minibatch's tokens).
+
 Phases (wall s, story): generate 0.48-0.58 vs TRL 1.38-1.52; reference 0.27-0.30 vs 0.35-0.39;
 update 0.83-0.90 vs 1.19-1.31. gsm8k: generate 0.86-0.95 vs 2.76-3.20, reference 0.45-0.47 vs
 1.50-1.61, update 1.58-1.67 vs 5.38-5.71. What makes the difference, each measured alone:
@@ -102,6 +122,12 @@ WORKLOADS = {
 }
 
 
+# --mixed: stories260K cannot answer GSM8K and rarely ends a sample by itself, so every response
+# would run to the cap; stopping at its first "!" gives long answers of mixed lengths (a 32-sample
+# draw at 256 new tokens: 20 to 256 tokens, median ~250, ~45% stopped early).
+MIXED_STOP = "!"
+
+
 def our_overrides(args, output_dir: str) -> list[str]:
     """The Hydra overrides of our run (also used by the TRL side to read the same prompt list)."""
     rows = args.prompts_per_step * args.num_generations
@@ -125,7 +151,8 @@ def our_overrides(args, output_dir: str) -> list[str]:
         f"trainer.num_threads={args.threads}", "trainer.progress=false", "trainer.resume=never",
         f"cluster.num_cpus_per_worker={args.threads}", f"cluster.num_cpus={args.threads}", "cluster.num_replicas=1",
         f"seed={args.seed}", f"output_dir={output_dir}",
-    ]
+    ] + ([f"trainer.max_tokens_per_micro={args.max_tokens_per_micro}"] if args.worker == "ours_packed" else []) + (
+        [f"rollout.stop=[{MIXED_STOP!r}]"] if args.mixed else [])
 
 
 def peak_rss_mb() -> float:
@@ -384,8 +411,18 @@ def run_pair(args, order: tuple[str, ...]) -> dict:
               f"{r.get('cpu_seconds_per_step')} CPU s/step", file=sys.stderr)
     ok = all("seconds_per_step" in results[w] for w in ("ours", "trl"))
     ratio = (lambda key: results["trl"][key] / results["ours"][key]) if ok else (lambda key: None)
-    return {"ours": results["ours"], "trl": results["trl"], "speedup": ratio("seconds_per_step"),
-            "cpu_speedup": ratio("cpu_seconds_per_step"), "order": list(order)}
+    out = {"ours": results["ours"], "trl": results["trl"], "speedup": ratio("seconds_per_step"),
+           "cpu_speedup": ratio("cpu_seconds_per_step"), "order": list(order)}
+    if "ours_packed" in results and "phases" in results["ours_packed"] and "phases" in results["ours"]:
+        packed, padded = results["ours_packed"], results["ours"]
+
+        def trained(r):  # the phases packing changes: the no-grad reference pass and the update
+            return r["phases"]["reference"] + r["phases"]["update"]
+
+        out.update(ours_packed=packed, packing_speedup=padded["seconds_per_step"] / packed["seconds_per_step"],
+                   packing_speedup_update=trained(padded) / trained(packed),
+                   packing_speedup_vs_trl=results["trl"]["seconds_per_step"] / packed["seconds_per_step"] if ok else None)
+    return out
 
 
 def worker_argv(args) -> list[str]:
@@ -394,7 +431,8 @@ def worker_argv(args) -> list[str]:
             f"--max-new-tokens={args.max_new_tokens}", f"--max-prompt-length={args.max_prompt_length}",
             f"--temperature={args.temperature}", f"--beta={args.beta}", f"--lr={args.lr}",
             f"--finetune={args.finetune}", f"--threads={args.threads}", f"--seed={args.seed}",
-            f"--workload={args.workload}"]
+            f"--workload={args.workload}", f"--max-tokens-per-micro={args.max_tokens_per_micro}"] + (
+                ["--mixed"] if args.mixed else [])
 
 
 def main() -> None:
@@ -418,8 +456,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="pairs of runs; the order alternates between pairs")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 prompts x G=4, 16 new tokens, 1+2 steps")
-    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--mixed", action="store_true",
+                   help="mixed-length workload: GSM8K prompts with long answers (--max-new-tokens 256); ours also "
+                        "with packing + token budgets (ours_packed, packing_speedup)")
+    p.add_argument("--max-tokens-per-micro", type=int, default=16384, help="ours_packed's trainer.max_tokens_per_micro")
+    p.add_argument("--worker", choices=["ours", "ours_packed", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.mixed:
+        args.workload = "gsm8k"
+        if "--max-new-tokens" not in " ".join(sys.argv):
+            args.max_new_tokens = 256
     if args.quick:
         args.steps, args.warmup, args.prompts_per_step, args.num_generations, args.max_new_tokens = 2, 1, 2, 4, 16
     if args.max_prompt_length is None:
@@ -432,11 +478,12 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         with tempfile.TemporaryDirectory(prefix=f"bench_grpo_{args.worker}_") as scratch:  # run folders go with it
-            print(json.dumps((run_ours if args.worker == "ours" else run_trl)(args, scratch)))
+            print(json.dumps((run_trl if args.worker == "trl" else run_ours)(args, scratch)))
         return
 
     load_at_start = os.getloadavg()
-    runs = [run_pair(args, ("ours", "trl") if i % 2 == 0 else ("trl", "ours")) for i in range(args.repeats)]
+    sides = ("ours", "trl") + (("ours_packed",) if args.mixed else ())
+    runs = [run_pair(args, sides if i % 2 == 0 else sides[::-1]) for i in range(args.repeats)]
     speedups = [r["speedup"] for r in runs if r["speedup"] is not None]
     cpu_speedups = [r["cpu_speedup"] for r in runs if r["cpu_speedup"] is not None]
     report = {
@@ -445,6 +492,12 @@ def main() -> None:
         "speedup": statistics.median(speedups) if speedups else None,
         "cpu_speedup": statistics.median(cpu_speedups) if cpu_speedups else None,
     }
+    if args.mixed:
+        report.update({k: runs[0].get(k) for k in ("ours_packed", "packing_speedup", "packing_speedup_update",
+                                                  "packing_speedup_vs_trl")} if len(runs) == 1 else
+                      {k: statistics.median(r[k] for r in runs if r.get(k) is not None)
+                       for k in ("packing_speedup", "packing_speedup_update")})
+        report["max_tokens_per_micro"] = args.max_tokens_per_micro
     if len(runs) > 1:
         report.update(speedups=speedups, cpu_speedups=cpu_speedups, runs=runs)
     report["settings"] = {

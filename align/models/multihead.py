@@ -258,7 +258,7 @@ class MultiHeadModel(RoleModel):
         # The LoRA model's own hook context (what PeftModel.forward uses for `adapter_names`),
         # entered directly so the backbone runs without the LM head.
         with self.peft.base_model._enable_peft_forward_hooks(adapter_names=names):
-            hidden = self._backbone(roles[0], ids, mask)  # (K*B, T, H)
+            hidden = self._backbone(roles[0], ids, mask, packed=False)  # (K*B, T, H): adapters per row, so unpacked
         return dict(zip(roles, hidden.split(B)))
 
     # ---- parameters, sync, save ----------------------------------------------------------

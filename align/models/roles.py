@@ -74,6 +74,88 @@ def head_logprobs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, 
     return (logp, entropy_from_logits(logits)) if entropy else logp
 
 
+def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded rows -> packed rows, for a padding-free forward (veRL's `use_remove_padding`,
+    OpenRLHF's `packing_samples`).
+
+    input_ids, attention_mask: (B, T), each row's real tokens contiguous (left, right, or both
+    sides padded). The B sequences are placed whole, first-fit in decreasing length, into R rows
+    of at most T tokens (the longest sequence's room): without a variable-length attention
+    kernel (flash-attention), attention over a packed row costs its length squared, so rows stay
+    as short as the padded batch's and only the padding goes. Returns ids and position_ids
+    (R, C), C <= T, positions restarting at 0 at each sequence (the padding at a row's end is one
+    more sequence, attending to itself only); index (N,), each real token's place in the
+    flattened (B * T) layout, in that order; and slots (N,), its place in the flattened (R * C)
+    packed layout. Hugging Face models (transformers >= 5) read restarting position ids without
+    an attention mask as packed sequences and attend within each one only
+    (`masking_utils.find_packed_sequence_indices`: a block-diagonal causal mask for sdpa/eager,
+    variable-length kernels for flash attention).
+    """
+    mask = attention_mask.bool()
+    B, T = mask.shape
+    lengths = mask.sum(1).tolist()
+    room: list[int] = []  # free tokens per packed row
+    row, offset = [0] * B, [0] * B
+    for b in sorted(range(B), key=lambda b: -lengths[b]):  # first-fit decreasing; ties keep row order
+        r = next((r for r, free in enumerate(room) if lengths[b] <= free), len(room))
+        if r == len(room):
+            room.append(T)
+        row[b], offset[b] = r, T - room[r]
+        room[r] -= lengths[b]
+    R = max(len(room), 1)
+    fill = torch.tensor([T - free for free in room] or [0], device=mask.device)  # (R,) tokens per packed row
+    C = max(int(fill.max()), 1)
+    index = mask.flatten().nonzero().squeeze(1)  # (N,)
+    b_of = index // T
+    pos = (mask.long().cumsum(-1) - 1).flatten()[index]  # (N,) position within its sequence
+    slots = (torch.tensor(row, device=mask.device)[b_of] * C + torch.tensor(offset, device=mask.device)[b_of] + pos)
+    ids = input_ids.new_zeros(R * C).index_copy(0, slots, input_ids.flatten()[index]).view(R, C)
+    cols = torch.arange(C, device=mask.device).expand(R, C)
+    positions = torch.where(cols >= fill[:, None], cols - fill[:, None], 0).flatten()  # the tail: 0, 1, ...
+    positions = positions.index_copy(0, slots, pos).view(R, C)
+    return ids, positions, index, slots
+
+
+def packed_hidden(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, N, H) last hidden states of the N real tokens of (B, T) padded rows, in row-major
+    order, from one padding-free pass of `backbone` (a decoder stack, `lm_backbone`) over the
+    packed rows of `unpad`, and their index (N,) into the flattened (B * T) layout."""
+    ids, positions, index, slots = unpad(input_ids, attention_mask)
+    hidden = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state  # (R, C, H)
+    return hidden.flatten(0, 1)[slots][None], index
+
+
+def pad_hidden(hidden: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(1, N, H) packed hidden states -> (B, T, H), zeros at padding (`unpad`'s inverse)."""
+    B, T = shape
+    out = hidden.new_zeros(B * T, hidden.shape[-1]).index_copy(0, index, hidden[0])
+    return out.view(B, T, -1)
+
+
+def packed_token_logprobs(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, index: torch.Tensor,
+                          shape: tuple[int, int], temperature: float = 1.0, entropy: bool = False,
+                          score_mask: torch.Tensor | None = None):
+    """(B, T-1) log p(x_{t+1} | x_{<=t}) in the padded layout from a padding-free pass.
+
+    hidden: (1, N, H) and index (N,) from `packed_hidden` of input_ids (B, T) = `shape`.
+    score_mask: (B, T-1) bool, the positions whose next token a loss reads (None: every real
+    token followed by a real one); the LM head runs on these only. Other positions are 0
+    (entropies too). With `entropy`, returns (log-probs, entropies).
+    """
+    B, T = shape
+    nxt = (index[1:] == index[:-1] + 1) & (index[1:] % T != 0)  # (N-1,) packed token j+1 follows j in its row
+    out_pos = (index[:-1] // T) * (T - 1) + index[:-1] % T  # (N-1,) token j's place in the (B, T-1) layout
+    if score_mask is not None:
+        nxt &= score_mask.flatten().to(nxt.device)[out_pos.clamp(max=B * (T - 1) - 1)]
+    sel = nxt.nonzero().squeeze(1)  # (M,)
+    labels = input_ids.flatten()[index[1:][sel]]  # (M,)
+    res = head_logprobs(model, hidden[0, :-1][sel], labels, temperature, entropy)
+    parts = res if entropy else (res,)
+    padded = tuple(x.new_zeros(B * (T - 1)).index_copy(0, out_pos[sel], x).view(B, T - 1) for x in parts)
+    return padded if entropy else padded[0]
+
+
 def check_role(role: str, valid: Sequence[str], what: str = "role") -> None:
     if role not in valid:
         raise ValueError(f"unknown or disabled {what} {role!r}; valid here: {list(valid)}")
@@ -207,6 +289,9 @@ class RoleModel(nn.Module):
     """
 
     is_lora: bool = False
+    # Padding-free passes (`trainer.max_tokens_per_micro` set): a batch's sequences packed into
+    # rows with restarting position ids (`unpad`); set by the trainer or worker that owns the model.
+    packed: bool = False
     multi_role_modes: tuple[str, ...] = ("separate",)
     value_head: nn.Linear | None
     score_head: nn.Linear | None
@@ -236,8 +321,12 @@ class RoleModel(nn.Module):
     def served_roles(self) -> tuple[str, ...]:
         return (*self.roles, REFERENCE)
 
-    def _backbone(self, role: str, input_ids, attention_mask) -> torch.Tensor:
-        """(B, T, H) last hidden state of `role`'s backbone; call inside `_activate(role)`."""
+    def _backbone(self, role: str, input_ids, attention_mask, packed: bool | None = None) -> torch.Tensor:
+        """(B, T, H) last hidden state of `role`'s backbone (zeros at padding when packed; None:
+        `self.packed`); call inside `_activate(role)`."""
+        if self.packed if packed is None else packed:
+            hidden, index = packed_hidden(self._causal_lm(role).base_model, input_ids, attention_mask)
+            return pad_hidden(hidden, index, tuple(input_ids.shape))
         out = self._causal_lm(role).base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -271,6 +360,10 @@ class RoleModel(nn.Module):
         """
         check_role(role, [r for r in self.served_roles if r in ("actor", REFERENCE)])
         with self._activate(role):
+            if self.packed:
+                hidden, index = packed_hidden(self._causal_lm(role).base_model, input_ids, attention_mask)
+                return packed_token_logprobs(self._causal_lm(role), hidden, input_ids, index, tuple(input_ids.shape),
+                                             temperature)
             hidden = self._backbone(role, input_ids, attention_mask)
             return self._token_logprobs(role, hidden, input_ids, temperature)
 
@@ -287,10 +380,24 @@ class RoleModel(nn.Module):
         float rounding, and gradients flow through the cache into the prompts' pass. Without
         a shared prompt it is one pass over the whole rows. With `entropy` it returns
         (log-probs, entropies), both (B, R): the entropy of the distribution each token came from.
+
+        Packed (`self.packed`): the whole rows run padding-free, packed (`unpad`),
+        unless the shared-prompt pass computes fewer tokens (U distinct prompts: U * P + B * R
+        padded positions against the rows' real tokens); both give the same numbers.
         """
         check_role(role, [r for r in self.served_roles if r in ("actor", REFERENCE)])
         P = prompt_ids.shape[1]
         distinct, row_prompt = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
+        shared_cost = len(distinct) * P + response_ids.numel()
+        if self.packed and (len(distinct) == len(prompt_ids)
+                            or int(prompt_mask.sum()) + int(response_mask.sum()) < shared_cost):
+            ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask.long(), response_mask.long()], 1)
+            score = torch.cat([torch.zeros_like(prompt_mask[:, 1:], dtype=torch.bool), response_mask.bool()], 1)
+            with self._activate(role):
+                hidden, index = packed_hidden(self._causal_lm(role).base_model, ids, mask)
+                out = packed_token_logprobs(self._causal_lm(role), hidden, ids, index, tuple(ids.shape), temperature,
+                                            entropy, score_mask=score)  # (B, P + R - 1)
+            return tuple(x[:, P - 1 :] for x in out) if entropy else out[:, P - 1 :]
         if len(distinct) == len(prompt_ids):
             ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask.long(), response_mask.long()], 1)
             with self._activate(role):

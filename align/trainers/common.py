@@ -8,12 +8,14 @@ import os
 import random
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 import torch
 
 from align.config import TrainerConfig
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> None:
@@ -121,3 +123,43 @@ def prepare_output_dir(output_dir: str, run_cfg, hydra_cfg=None) -> Path:
 
 def cpu_count_hint() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def replica_micro_batches(batches: list[list[T]], max_tokens: int | None, length: Callable[[T], int]) -> list[list[T]]:
+    """This data-parallel replica's micro-batches of one optimizer step: its share of each of the
+    step's `batches` (the same draws on every replica, `align.engine.distributed.shard_range`),
+    cut as `step_micro_batches` does. Under token budgets the replicas agree on one count (the
+    largest any needs: hook-based sharding runs every replica's units in step), as veRL does."""
+    from align.engine import distributed
+
+    mine = [[b[i] for i in distributed.shard_range(len(b))] for b in batches]
+    micro = step_micro_batches(mine, max_tokens, length)
+    if max_tokens is None or distributed.world_size() == 1:
+        return micro
+    count = distributed.all_max(len(micro))
+    if count > len(micro):
+        micro = step_micro_batches(mine, max_tokens, length, min_count=count)
+        if len(micro) < count:
+            raise ValueError(f"trainer.max_tokens_per_micro={max_tokens}: another replica needs {count} micro-batches "
+                             f"for its share of the step, more than this one's {sum(map(len, mine))} examples; "
+                             "raise the budget or trainer.batch_size")
+    return micro
+
+
+def step_micro_batches(batches: list[list[T]], max_tokens: int | None, length: Callable[[T], int],
+                       min_count: int = 1) -> list[list[T]]:
+    """The items of one optimizer step, as micro-batches.
+
+    batches: the step's `grad_accum` batches of `batch_size` items (the data order's draws).
+    max_tokens: null keeps them as they are (row-count micro-batches); a number
+        (`trainer.max_tokens_per_micro`) re-cuts all the step's items into micro-batches of at
+        most that many tokens, `length(item)` each (align/data/packing.py
+        `token_budget_micro_batches`), for padding-free passes. Empty ones are left out.
+    """
+    if max_tokens is None:
+        return batches
+    from align.data.packing import token_budget_micro_batches
+
+    items = [x for batch in batches for x in batch]
+    cuts = token_budget_micro_batches([length(x) for x in items], max_tokens, min_count)
+    return [[items[i] for i in rows] for rows in cuts if rows]

@@ -50,6 +50,7 @@ from align.trainers.common import (
     build_optimizer,
     build_scheduler,
     prepare_output_dir,
+    replica_micro_batches,
     seed_everything,
     set_threads,
 )
@@ -58,6 +59,7 @@ from align.trainers.logps import (
     collate_shared,
     concatenated_logps,
     response_logps,
+    shared_prompt_cost,
     shared_prompt_logps,
 )
 from align.trainers.metrics import run_logger
@@ -204,6 +206,8 @@ def precompute_reference(model, objective: "PreferenceObjective", groups: list[l
         return distributed.all_sum_tensor(out)
 
     layout = f"share_prompt={algo.share_prompt} chunks={size} groups={[len(g) for g in groups]}"
+    if objective.packed:  # other passes, other rounding: a cache entry of its own
+        layout += " packed"
     cache_dir = (algo.reference_cache_dir or default_cache_dir()) if algo.reference_cache else None
     logps, hit = reference_logps(model, [s for x in items for s in item_sequences(x)], compute, model_cfg=cfg.model,
                                  tokenizer=tokenizer, cache_dir=cache_dir, layout=layout,
@@ -310,23 +314,30 @@ def loss_options(algo: DPOConfig, loss_fn) -> dict:
 class PreferenceObjective:
     """The configured loss on batches: policy log-probs, reference log-probs, loss, statistics."""
 
-    def __init__(self, algo: DPOConfig, reference: OnlineReference | None, forward=None):
-        self.algo, self.reference = algo, reference
+    def __init__(self, algo: DPOConfig, reference: OnlineReference | None, packed: bool = False, forward=None):
+        self.algo, self.reference, self.packed = algo, reference, packed
         # How a computation on the model runs: `TrainEngine.forward` (inside FSDP2's root unit
         # when sharded), a plain call by default.
         self.forward = forward or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
         self.loss_fn = PREFERENCE_LOSSES.get(algo.loss)
         self.options = loss_options(algo, self.loss_fn)
         self.uses_reference = algo.loss not in REFERENCE_FREE_LOSSES
-        self.pair_logps = shared_prompt_logps if algo.share_prompt else concatenated_logps
 
     def logps(self, model, batch: PairBatch | UnpairedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(2B,) summed log-probs and lengths of every sequence of the batch, in `item_sequences`
-        order: chosen, rejected of each pair; or completion, mismatched completion of each example."""
+        order: chosen, rejected of each pair; or completion, mismatched completion of each example.
+
+        Pairs take the shared-prompt pass (`algo.share_prompt`) or concatenated rows; packed
+        (`trainer.max_tokens_per_micro`), concatenated rows run padding-free, and with
+        share_prompt the batch takes whichever of the two computes fewer positions."""
         if isinstance(batch, PairBatch):
-            return self.forward(self.pair_logps, model, **batch.tensors, k=2)
-        main = self.forward(response_logps, model, batch.input_ids, batch.attention_mask, batch.loss_mask)
-        kl = self.forward(response_logps, model, batch.kl_input_ids, batch.kl_attention_mask, batch.kl_loss_mask)
+            shared, packed = shared_prompt_cost(batch.prompt_mask, batch.response_mask, k=2)
+            if self.algo.share_prompt and (not self.packed or shared <= packed):
+                return self.forward(shared_prompt_logps, model, **batch.tensors, k=2)
+            return self.forward(concatenated_logps, model, **batch.tensors, k=2, packed=self.packed)
+        main = self.forward(response_logps, model, batch.input_ids, batch.attention_mask, batch.loss_mask, self.packed)
+        kl = self.forward(response_logps, model, batch.kl_input_ids, batch.kl_attention_mask, batch.kl_loss_mask,
+                          self.packed)
         return torch.stack([main[0], kl[0]], 1).reshape(-1), torch.stack([main[1], kl[1]], 1).reshape(-1)
 
     def reference_logps(self, batch: PairBatch | UnpairedBatch) -> torch.Tensor | None:
@@ -369,7 +380,7 @@ class PreferenceObjective:
         without gradient."""
         with torch.no_grad():
             policy = torch.cat([self.forward(response_logps, model, b.kl_input_ids, b.kl_attention_mask,
-                                             b.kl_loss_mask)[0] for b in micro])
+                                             b.kl_loss_mask, self.packed)[0] for b in micro])
         ref = torch.cat([r[1::2] for r in refs])
         if distributed.world_size() == 1:
             return kto_reference_point(policy, ref)
@@ -377,7 +388,8 @@ class PreferenceObjective:
         return torch.tensor(total / count).clamp_min(0)  # kto_reference_point over every replica's pairs
 
     def unpaired_step_share(self, model, batch: UnpairedBatch, ref: torch.Tensor, z0: torch.Tensor, share: float):
-        logps, _ = self.forward(response_logps, model, batch.input_ids, batch.attention_mask, batch.loss_mask)  # (B,)
+        logps, _ = self.forward(response_logps, model, batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                self.packed)  # (B,)
         loss, stats = self.loss_fn(logps, ref[0::2], batch.desirable, z0, beta=self.algo.beta, **self.options)
         out = {STAT_NAMES.get(k, k): v for k, v in stats.items()}
         out.update({"logps/chosen": masked_mean(logps.detach(), batch.desirable),
@@ -387,9 +399,11 @@ class PreferenceObjective:
 
 def step_loss(objective: PreferenceObjective, model, micro: list, step_items: int | None = None) -> tuple[float, dict]:
     """Forward and backward every micro-batch of one optimizer step; returns the step's loss and
-    its statistics (means over the step). step_items: the step's pairs (or examples) over all
-    data-parallel replicas, each replica's micro-batches holding its share (default: these)."""
-    sizes = [len(b.prompt_ids) if isinstance(b, PairBatch) else len(b.input_ids) for b in micro]
+    its statistics (means over the step). Each micro-batch weighs its share of the step's items,
+    so micro-batches of unequal sizes (token budgets) add up to the step's mean. step_items: the
+    step's pairs (or examples) over all data-parallel replicas, each replica's micro-batches
+    holding its share (default: these)."""
+    sizes = [len(b.desirable if isinstance(b, UnpairedBatch) else b.prompt_ids) for b in micro]
     step_items = step_items or sum(sizes)
     if isinstance(micro[0], PairBatch):
         chosen_tokens = [b.chosen_tokens for b in micro]
@@ -429,7 +443,8 @@ def prepare_reference(model, groups: list[list[dict]], cfg: RunConfig, tokenizer
     if not algo.precompute_reference:
         return OnlineReference(model, lora=cfg.model.finetune == "lora"), "computed per batch"
     t0 = time.perf_counter()
-    hit = precompute_reference(model, PreferenceObjective(algo, None, forward), groups, cfg, tokenizer)
+    hit = precompute_reference(model, PreferenceObjective(algo, None, packed_passes(cfg), forward), groups, cfg,
+                               tokenizer)
     counts = " + ".join(str(len(g)) for g in groups)
     return None, f"{'read from cache' if hit else 'precomputed'} for {counts} items in {time.perf_counter() - t0:.1f}s"
 
@@ -480,7 +495,18 @@ def evaluate(model, objective: PreferenceObjective, items: list[dict], pad_id: i
 def _dpo_statistics(kto: PreferenceObjective) -> PreferenceObjective:
     """KTO's held-out pairs are scored with DPO's implicit reward beta log pi/pi_ref."""
     algo = kto.algo
-    return PreferenceObjective(DPOConfig(loss="sigmoid", beta=algo.beta, share_prompt=algo.share_prompt), kto.reference)
+    return PreferenceObjective(DPOConfig(loss="sigmoid", beta=algo.beta, share_prompt=algo.share_prompt), kto.reference,
+                               kto.packed)
+
+
+def packed_passes(cfg: RunConfig) -> bool:
+    """Padding-free passes: with token-budget micro-batches (`trainer.max_tokens_per_micro`)."""
+    return cfg.trainer.max_tokens_per_micro is not None
+
+
+def item_tokens(item: dict) -> int:
+    """An item's tokens in a padding-free pass: the prompt + response of each of its two sequences."""
+    return sum(len(p) + len(r) for p, r in item_sequences(item))
 
 
 def _prefixed(prefix: str, metrics: dict) -> dict:
@@ -518,7 +544,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     visited = [data.train[i] for i in visited_items(order, tcfg.max_steps * tcfg.grad_accum)]
     with engine.autocast():
         reference, ref_note = prepare_reference(model, [visited, val_items], cfg, tokenizer, engine.forward)
-    objective = PreferenceObjective(algo, reference, engine.forward)
+    objective = PreferenceObjective(algo, reference, packed_passes(cfg), engine.forward)
 
     # 5. Optimizer, schedule, and resume from the newest checkpoint when there is one.
     optimizer = build_optimizer(model.named_parameters(), tcfg)
@@ -546,10 +572,10 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 6. The loop: micro-batches -> loss share -> backward; clip, step; evaluate, checkpoint.
     for step in range(start + 1, tcfg.max_steps + 1):
         t0 = time.perf_counter()
-        rows = [[data.train[i] for i in order.next()] for _ in range(tcfg.grad_accum)]  # every replica: the same
-        micro = [collate([mb[i] for i in distributed.shard_range(len(mb))], pad_id, device) for mb in rows]
+        drawn = [[data.train[i] for i in order.next()] for _ in range(tcfg.grad_accum)]  # every replica: the same
+        micro = [collate(b, pad_id, device) for b in replica_micro_batches(drawn, tcfg.max_tokens_per_micro, item_tokens)]
         with engine.autocast():  # each replica: its share of every micro-batch
-            loss, stats = step_loss(objective, model, micro, step_items=sum(len(mb) for mb in rows))
+            loss, stats = step_loss(objective, model, micro, step_items=sum(len(mb) for mb in drawn))
         if not math.isfinite(loss):
             raise FloatingPointError(f"dpo: loss is {loss} at step {step}; last checkpoint kept in {ckpt.root}")
         grad_norm = engine.step([p for p in model.parameters() if p.requires_grad], optimizer, tcfg.max_grad_norm)

@@ -13,6 +13,10 @@ Both run the decoder stack for hidden states and score them through the LM head 
 (`align.models.roles.head_logprobs`): no (rows, tokens, vocabulary) logits are kept for the
 backward pass.
 
+With `trainer.max_tokens_per_micro` the concatenated rows run padding-free (`packed`), and a
+trainer takes, per micro-batch, whichever of the two computes fewer positions
+(`shared_prompt_cost`): padding-free rows repeat the prompt, the shared pass pads.
+
 Batches are right-padded. Response row k * b + j is the j-th response of prompt b.
 """
 
@@ -25,7 +29,7 @@ from transformers import DynamicCache
 
 from align.core import sequence_logps
 from align.data import right_pad
-from align.models.roles import _cache_kwarg_of, head_logprobs, lm_backbone
+from align.models.roles import _cache_kwarg_of, head_logprobs, lm_backbone, packed_hidden, packed_token_logprobs
 
 
 def collate_sequences(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -56,15 +60,22 @@ def collate_shared(prompts: Sequence[Sequence[int]], responses: Sequence[Sequenc
 
 
 def response_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   loss_mask: torch.Tensor, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of the response tokens of each row, and the number of them.
 
     Args:
         input_ids, attention_mask, loss_mask: (N, T), right-padded; loss_mask 1 on response tokens.
+        packed: run the rows padding-free, packed (`align.models.roles.unpad`), the LM
+            head on response positions only; the same numbers up to float rounding.
 
     Returns:
         logps (N,) float32 (with grad if the model has it); lengths (N,).
     """
+    if packed:
+        hidden, index = packed_hidden(lm_backbone(model), input_ids, attention_mask)  # (1, N_real, H)
+        token_logps = packed_token_logprobs(model, hidden, input_ids, index, tuple(input_ids.shape),
+                                            score_mask=loss_mask[:, 1:].bool())  # (N, T-1)
+        return sequence_logps(token_logps, loss_mask[:, 1:])
     hidden = lm_backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     token_logps = head_logprobs(model, hidden[:, :-1], input_ids[:, 1:])  # (N, T-1): t scores token t+1
     return sequence_logps(token_logps, loss_mask[:, 1:])
@@ -72,8 +83,9 @@ def response_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 def concatenated_logps(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                        response_ids: torch.Tensor, response_mask: torch.Tensor,
-                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kB,) summed response log-probs and lengths with one forward over prompt + response rows."""
+                       k: int, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kB,) summed response log-probs and lengths with one forward over prompt + response rows
+    (`packed`: padding-free, see `response_logps`)."""
     kB, R = response_ids.shape
     P = prompt_ids.shape[1]
     starts = prompt_mask.sum(1).repeat_interleave(k)  # (kB,) each response starts after its prompt
@@ -83,7 +95,14 @@ def concatenated_logps(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_
     attention = torch.cat([prompt_mask.repeat_interleave(k, 0), prompt_mask.new_zeros(kB, R)], 1)
     attention = attention.scatter(1, cols, response_mask)
     loss_mask = torch.zeros(kB, P + R, device=ids.device).scatter(1, cols, response_mask.float())
-    return response_logps(model, ids, attention, loss_mask)
+    return response_logps(model, ids, attention, loss_mask, packed)
+
+
+def shared_prompt_cost(prompt_mask: torch.Tensor, response_mask: torch.Tensor, k: int) -> tuple[int, int]:
+    """Positions a forward computes for k responses per prompt: (shared-prompt pass, padded:
+    B * P + kB * R; padding-free concatenated rows: k * prompt tokens + response tokens). The
+    shared pass wins when a long prompt is shared and the responses are of similar lengths."""
+    return prompt_mask.numel() + response_mask.numel(), k * int(prompt_mask.sum()) + int(response_mask.sum())
 
 
 def shared_prompt_logps(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

@@ -45,6 +45,7 @@ from align.trainers.common import (
     build_optimizer,
     build_scheduler,
     prepare_output_dir,
+    replica_micro_batches,
     seed_everything,
     set_threads,
 )
@@ -209,6 +210,11 @@ class RMBatch:
         return len(self.input_ids) // 2
 
 
+def pair_tokens(item: dict) -> int:
+    """A pair's tokens in a padding-free pass: prompt + chosen and prompt + rejected."""
+    return 2 * len(item["prompt_ids"]) + len(item["chosen_ids"]) + len(item["rejected_ids"])
+
+
 def collate(items: list[dict], pad_id: int, device: torch.device) -> RMBatch:
     from align.data import collate_pairs
 
@@ -292,6 +298,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
 
     # 2. The reward role: a LoRA adapter + score head on the frozen base, or a full model + head.
     model, tokenizer = build_reward_model(cfg.model)
+    model.packed = tcfg.max_tokens_per_micro is not None  # padding-free passes in token-budget micro-batches
     model.train()
     engine = TrainEngine(tcfg.precision, next(model.parameters()).device, strategy=tcfg.strategy,
                          activation_checkpointing=tcfg.gradient_checkpointing)
@@ -329,9 +336,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     val_after = val_before
     for step in range(start + 1, tcfg.max_steps + 1):
         t0 = time.perf_counter()
-        rows = [[data.train[i] for i in order.next()] for _ in range(tcfg.grad_accum)]  # every replica: the same
-        micro = [collate([mb[i] for i in distributed.shard_range(len(mb))], pad_id, device) for mb in rows]
-        loss, stats = step_loss(model, micro, engine, n_pairs=sum(len(mb) for mb in rows))  # this replica's share
+        drawn = [[data.train[i] for i in order.next()] for _ in range(tcfg.grad_accum)]  # every replica: the same
+        micro = [collate(b, pad_id, device) for b in replica_micro_batches(drawn, tcfg.max_tokens_per_micro, pair_tokens)]
+        loss, stats = step_loss(model, micro, engine, n_pairs=sum(len(mb) for mb in drawn))  # this replica's share
         if not math.isfinite(loss):
             raise FloatingPointError(f"rm: loss is {loss} at step {step}; last checkpoint kept in {ckpt.root}")
         grad_norm = engine.step(model.trainable_parameters("reward"), optimizer, tcfg.max_grad_norm)

@@ -22,13 +22,14 @@ from align.config import RunConfig
 from align.core import masked_sum
 from align.engine import TrainEngine, distributed
 from align.lifecycle import save_or_stop
-from align.models.roles import head_logprobs, lm_backbone
+from align.models.roles import head_logprobs, lm_backbone, packed_hidden, packed_token_logprobs
 from align.trainers.checkpoint import Checkpointer
 from align.trainers.common import (
     EpochBatches,
     build_optimizer,
     build_scheduler,
     prepare_output_dir,
+    replica_micro_batches,
     seed_everything,
     set_threads,
 )
@@ -54,16 +55,22 @@ class SFTBatch:
         return int((self.labels[:, 1:] != -100).sum())
 
 
-def token_nll(model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(model: torch.nn.Module, batch: SFTBatch, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood of the next token.
 
     Returns nll (B, T-1) and mask (B, T-1): position t scores token t+1, and the mask is 1
-    where that token is a response token.
+    where that token is a response token. `packed`: the rows run padding-free, packed
+    (`trainer.max_tokens_per_micro`), the LM head on response positions only; same numbers.
     """
-    hidden = lm_backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                use_cache=False).last_hidden_state  # (B, T, H)
     targets = batch.labels[:, 1:]  # (B, T-1)
-    logp = head_logprobs(model, hidden[:, :-1], targets)  # (B, T-1) fp32, the LM head in chunks; -100: 0
+    if packed:
+        hidden, index = packed_hidden(lm_backbone(model), batch.input_ids, batch.attention_mask)  # (1, N, H)
+        logp = packed_token_logprobs(model, hidden, batch.input_ids, index, tuple(batch.input_ids.shape),
+                                     score_mask=targets != -100)  # (B, T-1) fp32; 0 off the response
+    else:
+        hidden = lm_backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    use_cache=False).last_hidden_state  # (B, T, H)
+        logp = head_logprobs(model, hidden[:, :-1], targets)  # (B, T-1) fp32, the LM head in chunks; -100: 0
     mask = (targets != -100).to(logp.dtype)
     return -logp * mask, mask
 
@@ -86,14 +93,16 @@ def sft_loss(nll: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[SFTBatch], engine: TrainEngine | None = None) -> float:
+def evaluate(model: torch.nn.Module, batches: list[SFTBatch], engine: TrainEngine | None = None,
+             packed: bool = False) -> float:
     """Mean NLL per response token over the validation batches (in the engine's compute precision)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:  # every replica runs every batch: the same result, the same collectives
         with engine.autocast() if engine is not None else contextlib.nullcontext():
-            nll, mask = engine.forward(token_nll, model, batch) if engine is not None else token_nll(model, batch)
+            nll, mask = (engine.forward(token_nll, model, batch, packed) if engine is not None
+                         else token_nll(model, batch, packed))
         total += float(nll.sum())
         count += int(mask.sum())
     model.train(was_training)
@@ -119,6 +128,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     # 3. Data: read, split deterministically, tokenize with the prompt masked.
     data = load_sft_data(cfg.data, tokenizer)
     collate = data.collate
+    packed = tcfg.max_tokens_per_micro is not None  # padding-free passes in token-budget micro-batches
     val_batches = [
         collate(data.val[i : i + tcfg.batch_size]) for i in range(0, len(data.val), tcfg.batch_size)
     ][: tcfg.eval_batches]
@@ -144,7 +154,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         log.write(f"resumed from {resume_from} at step {start}")
         val_before = state["val_loss_before"]
     else:
-        val_before = evaluate(model, val_batches, engine)
+        val_before = evaluate(model, val_batches, engine, packed)
         log.log(0, {"val_loss": val_before})
 
     # 5. The loop: accumulate micro-batches, clip, step; evaluate and checkpoint periodically.
@@ -152,16 +162,16 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     val_loss = val_before
     for step in range(start + 1, tcfg.max_steps + 1):
         t0 = time.perf_counter()
-        rows = [[data.train[i] for i in order.next()] for _ in range(tcfg.grad_accum)]
+        drawn = [[data.train[i] for i in order.next()] for _ in range(tcfg.grad_accum)]
         normaliser = (
-            sum(response_tokens(r) for mb in rows for r in mb) if algo.loss_agg == "token-mean"
-            else sum(len(mb) for mb in rows)
+            sum(response_tokens(r) for mb in drawn for r in mb) if algo.loss_agg == "token-mean"
+            else sum(len(mb) for mb in drawn)
         )
-        micro = [collate([mb[i] for i in distributed.shard_range(len(mb))]) for mb in rows]
+        micro = [collate(b) for b in replica_micro_batches(drawn, tcfg.max_tokens_per_micro, lambda x: len(x["input_ids"]))]
         step_loss = 0.0
         for batch in micro:
             with engine.autocast():
-                nll, mask = engine.forward(token_nll, model, batch)
+                nll, mask = engine.forward(token_nll, model, batch, packed)
             loss = sft_loss(nll, mask, algo.loss_agg, normaliser)
             loss.backward()
             step_loss += float(loss.detach())
@@ -179,7 +189,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             "epoch": order.epoch,
         }
         if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
-            val_loss = evaluate(model, val_batches, engine)
+            val_loss = evaluate(model, val_batches, engine, packed)
             metrics["val_loss"] = val_loss
         log.log(step, metrics, advance=1)
         save_or_stop(step, tcfg, lambda step=step: ckpt.save(

@@ -133,6 +133,7 @@ class ModelWorker:
             raise RuntimeError(f"model.device={spec.model.device} but this worker sees no GPU "
                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): did it ask Ray for one?")
         self.model, self.tokenizer = build_role_model(spec)
+        self.model.packed = spec.trainer.max_tokens_per_micro is not None  # padding-free passes
         self.device = next(self.model.parameters()).device  # batches arrive on the CPU
         # Strategy, precision, checkpointing, the replicas' gradient reduction, clipping and the step
         # (align/engine). With replicas, the model is prepared (broadcast or sharded) once their group exists.
@@ -242,17 +243,19 @@ class ModelWorker:
         "rm_scores": (B,)}. Policy log-probs run each distinct prompt once for its group's rows
         (`response_log_probs`, at the rollout temperature); values and scores run whole rows. A
         reward model of its own base (`self.scorer`) scores the batch's text."""
-        out: dict[str, list[Tensor]] = {ROLE_FIELDS[r]: [] for r in roles}
         R = batch.response_ids.shape[1]
+        scored = {}
         if "reward" in roles and self.scorer is not None:
-            out["rm_scores"] = [self.scorer.score_batch(batch, self.tokenizer)]
+            scored["rm_scores"] = self.scorer.score_batch(batch, self.tokenizer)
             roles = [r for r in roles if r != "reward"]
             if not roles:
-                return {"rm_scores": out["rm_scores"][0]}
+                return scored
+        out: dict[str, list[Tensor]] = {ROLE_FIELDS[r]: [] for r in roles}
         policies = [r for r in roles if r in ("reference", "actor")]  # log-probs: a prompt shared by G rows runs once
         others = tuple(r for r in roles if r not in policies)
         was_training = self.model.training
         self.model.eval()  # inference: no LoRA dropout
+
         def passes(part: Experience) -> dict[str, Tensor]:
             res = {role: self.model.response_log_probs(part.prompt_ids, part.prompt_mask, part.response_ids,
                                                        part.response_attention_mask, role=role,
@@ -264,8 +267,9 @@ class ModelWorker:
                                 part.input_ids, part.attention_mask, roles=others).items()})
             return res
 
+        cuts = micro_batch_rows(batch, self.spec.forward_batch_size, self.spec.trainer.max_tokens_per_micro)
         try:
-            for part, real in self._in_step(batch.split(self.spec.forward_batch_size) if len(batch) else [], batch):
+            for part, real in self._in_step([batch.select(rows) for rows in cuts], batch):
                 part = part.trim().to(self.device)
                 with self.train_engine.autocast():  # the training forward's precision
                     res = self.train_engine.forward(passes, part)
@@ -277,7 +281,9 @@ class ModelWorker:
                     out[ROLE_FIELDS[role]].append(value.float().cpu())
         finally:
             self.model.train(was_training)
-        return {k: torch.cat(v) if v else torch.zeros(0, R) for k, v in out.items()}
+        # Token-budget cuts reorder the rows: put them back in batch order.
+        inverse = torch.argsort(torch.tensor([i for rows in cuts for i in rows], dtype=torch.long))
+        return {**{k: torch.cat(v)[inverse] if v else torch.zeros(0, R) for k, v in out.items()}, **scored}
 
     # ---- updates --------------------------------------------------------------------------------
     @property
@@ -358,7 +364,8 @@ class ModelWorker:
         for mb, normaliser in zip(minibatches, normalisers):
             optimizer.zero_grad(set_to_none=True)
             step = {"loss": 0.0}
-            for micro, real in self._in_step(mb.split(micro_batch_size) if len(mb) else [], mb):
+            cuts = micro_batch_rows(mb, micro_batch_size, self.spec.trainer.max_tokens_per_micro)
+            for micro, real in self._in_step([mb.select(rows) for rows in cuts], mb):
                 micro = micro.trim().to(self.device)
                 loss, parts, means = micro_loss(micro, normaliser)
                 if not real:  # a stand-in keeping fsdp2 replicas in step: no gradient, nothing logged
@@ -499,6 +506,19 @@ class ModelWorker:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def micro_batch_rows(batch: Experience, rows: int, max_tokens: int | None, min_count: int = 1) -> list[list[int]]:
+    """The row indices of `batch`'s micro-batches: consecutive pieces of `rows` rows, or (with
+    `trainer.max_tokens_per_micro`) pieces of at most `max_tokens` real prompt + response tokens
+    (align/data/packing.py `token_budget_micro_batches`; the model then runs them packed).
+    Empty pieces (fewer rows than `min_count`) are left out."""
+    if max_tokens is None:
+        return [list(range(i, min(i + rows, len(batch)))) for i in range(0, len(batch), rows)]
+    from align.data.packing import token_budget_micro_batches
+
+    lengths = (batch.prompt_mask.long().sum(1) + batch.response_mask.long().sum(1)).tolist()
+    return [b for b in token_budget_micro_batches(lengths, max_tokens, min_count) if b]
 
 
 def build_role_model(spec: WorkerSpec):
