@@ -748,6 +748,11 @@ class RunConfig:
             raise ConfigError("algo.precompute_reference=false with model.finetune=full keeps a frozen copy of the "
                               "policy as the reference, which trainer.strategy=fsdp2 does not shard: precompute the "
                               "reference (algo.precompute_reference=true, the default) or use LoRA")
+        if strategy == "fsdp2" and n > 1 and isinstance(self.algo, RLConfig) and self.rollout.backend == "hf" and (
+                self.model.finetune != "lora" or not self.rollout.merged_copy):
+            raise ConfigError("trainer.strategy=fsdp2 shards the RL workers' model, and the HF rollout engine would "
+                              "generate through the shards token by token: use LoRA with rollout.merged_copy=true "
+                              "(a gathered copy generates; the default), or rollout=vllm")
         if n > 1 and name in ("sft", "rm", "dpo") and self.trainer.batch_size % n:
             raise ConfigError(f"trainer.batch_size={self.trainer.batch_size} must be a multiple of "
                               f"cluster.num_replicas={n}: each replica takes an equal share of every micro-batch")

@@ -1,5 +1,5 @@
-"""Scaling knobs measured on one model: activation checkpointing on vs off (and, to be added by
-the FSDP2 work, 2-rank `fsdp2` vs 1 rank), full fine-tuning on CPU.
+"""Scaling knobs measured on one model: activation checkpointing on vs off, and 2-rank `fsdp2`
+vs 1 rank, full fine-tuning on CPU.
 
 The model is Qwen2-0.5B's architecture (its published config.json, below: 24 layers, hidden
 896, 14 heads / 2 KV heads, MLP 4,864, vocabulary 151,936, tied embeddings; 494M parameters)
@@ -24,7 +24,16 @@ imports); `checkpointing_step_peak_ratio` = step_peak on / step_peak off (what a
 the held weights and optimizer state); `checkpointing_tokens_per_s` {off, on}; per configuration
 all raw figures; and `machine`.
 
-    python scripts/bench_scale.py                      # checkpointing section, Qwen2-0.5B shape
+The fsdp2 section trains the same model as 2 FSDP2 ranks (gloo, `TrainEngine(strategy="fsdp2")`,
+each rank its half of a 2-sequence batch) against 1 unsharded rank on the whole batch. Per rank
+it reports the bytes of the parameters, gradients and AdamW states the rank holds (its shards:
+summed over the tensors, exact), its peak RSS, and tokens/s (both ranks' tokens over the
+slowest rank's fastest step). `fsdp2_state_ratio` = a rank's state bytes / the unsharded
+rank's (ideal 0.5; FSDP2 pads each shard to equal size). Each rank builds the whole model
+before sharding it, so its peak RSS includes one unsharded copy (a meta-device build, as
+torchtitan does, would avoid that).
+
+    python scripts/bench_scale.py                      # both sections, Qwen2-0.5B shape
     python scripts/bench_scale.py --layers 2 --tokens 128 --steps 1   # seconds: a smoke run
 
 Sections: SECTIONS maps a name to a function (args) -> dict of fields merged into the one
@@ -96,6 +105,82 @@ def _sft_batch(args, vocab: int):
     return SFTBatch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
 
 
+def state_bytes(model, optimizer) -> int:
+    """Bytes of the parameters, gradients and optimizer states this process holds (a shard's
+    local part when sharded)."""
+    import torch
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    total = 0
+    for p in model.parameters():
+        total += local(p).numel() * local(p).element_size()
+        if p.grad is not None:
+            total += local(p.grad).numel() * local(p.grad).element_size()
+    for st in optimizer.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                total += local(v).numel() * local(v).element_size()
+    return total
+
+
+def _fsdp2_rank(rank: int, args, port: int, out_dir: str) -> None:
+    """One rank of the fsdp2 configuration (a process of its own); writes its figures as JSON."""
+    os.environ["OMP_NUM_THREADS"] = str(max(1, args.threads // 2))
+    import torch
+    import torch.distributed as dist
+
+    from align.engine import TrainEngine
+    from align.trainers.sft import SFTBatch, token_nll
+
+    torch.set_num_threads(max(1, args.threads // 2))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    baseline = _status("VmRSS")
+    model = build_model(args)
+    engine = TrainEngine("fp32", "cpu", strategy="fsdp2")
+    engine.prepare(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    whole = _sft_batch(args, model.config.vocab_size)
+    rows = slice(rank * args.batch // 2, (rank + 1) * args.batch // 2)
+    batch = SFTBatch(whole.input_ids[rows], whole.attention_mask[rows], whole.labels[rows])
+    norm = float((whole.labels[:, 1:] != -100).sum())
+    times, losses = [], []
+    for _ in range(args.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        nll, mask = engine.forward(token_nll, model, batch)
+        loss = nll.sum() / norm
+        loss.backward()
+        held = state_bytes(model, optimizer)  # parameters + gradients + optimizer states (after step 1)
+        engine.step(trainable, optimizer, 1.0)
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    peak = _status("VmHWM")
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "state_bytes": held, "peak_bytes": peak - baseline, "step_seconds": [round(t, 2) for t in times],
+        "tokens": batch.input_ids.numel(), "losses": losses}))
+    dist.destroy_process_group()
+
+
+def child_fsdp2(args) -> dict:
+    """2 fsdp2 ranks as spawned processes; their figures."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s, tempfile.TemporaryDirectory() as out:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        mp.start_processes(_fsdp2_rank, args=(args, port, out), nprocs=2, start_method="spawn")
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
+    slowest = max(min(r["step_seconds"]) for r in ranks)
+    return {"ranks": ranks, "tokens_per_s": round(sum(r["tokens"] for r in ranks) / slowest, 2)}
+
+
 def child_train(args) -> dict:
     """One configuration of full fine-tuning (see the module docstring for the protocol)."""
     import peft  # noqa: F401  (everything imported before the baseline)
@@ -130,6 +215,7 @@ def child_train(args) -> dict:
         nll, mask = token_nll(model, batch)
         loss = (nll * mask).sum() / mask.sum()
         loss.backward()
+        state = state_bytes(model, optimizer)
         engine.step(trainable, optimizer, 1.0)
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
@@ -139,12 +225,12 @@ def child_train(args) -> dict:
         "checkpointing": args.checkpointing, "params": params, "layers": model.config.num_hidden_layers,
         "batch": args.batch, "tokens": args.tokens, "threads": args.threads,
         "baseline_bytes": baseline, "held_bytes": held - baseline, "peak_bytes": peak - baseline,
-        "step_peak_bytes": peak - held, "step_seconds": [round(t, 2) for t in times],
+        "step_peak_bytes": peak - held, "state_bytes": state, "step_seconds": [round(t, 2) for t in times],
         "tokens_per_s": round(tokens / min(times), 2), "losses": losses,
     }
 
 
-CHILDREN = {"train": child_train}
+CHILDREN = {"train": child_train, "fsdp2": child_fsdp2}
 
 
 def run_child(kind: str, args, extra: list[str]) -> dict:
@@ -172,7 +258,24 @@ def section_checkpointing(args) -> dict:
     }
 
 
-SECTIONS = {"checkpointing": section_checkpointing}
+def section_fsdp2(args) -> dict:
+    """1 unsharded rank on the whole batch vs 2 fsdp2 ranks on half each, one process per rank."""
+    if args.batch % 2:
+        raise SystemExit("--only fsdp2 needs an even --batch (each of the 2 ranks trains on half of it)")
+    one = run_child("train", args, [])
+    two = run_child("fsdp2", args, [])
+    worst = max(r["state_bytes"] for r in two["ranks"])
+    return {
+        "fsdp2_state_ratio": round(worst / one["state_bytes"], 4),
+        "fsdp2_peak_ratio": round(max(r["peak_bytes"] for r in two["ranks"]) / one["peak_bytes"], 4),
+        "fsdp2_tokens_per_s": {"one_rank": one["tokens_per_s"], "two_ranks": two["tokens_per_s"]},
+        "fsdp2_same_losses": all(abs(a - b) <= 1e-4 * abs(a) for a, b in
+                                 zip(one["losses"], [x + y for x, y in zip(*(r["losses"] for r in two["ranks"]))])),
+        "fsdp2": {"one_rank": one, "two_ranks": two},
+    }
+
+
+SECTIONS = {"checkpointing": section_checkpointing, "fsdp2": section_fsdp2}
 
 
 def main(argv: list[str] | None = None) -> int:

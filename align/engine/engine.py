@@ -93,7 +93,7 @@ class TrainEngine:
         if strategy == "single" and self.world_size > 1:
             raise ValueError(f"trainer.strategy=single holds one replica, but {self.world_size} run: "
                              "use trainer.strategy=ddp or fsdp2")
-        self.strategy = strategy
+        self.strategy = strategy if self.world_size > 1 else "single"  # one replica: nothing to share
         self.activation_checkpointing = activation_checkpointing
         self._root: nn.Module | None = None
 

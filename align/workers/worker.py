@@ -138,7 +138,7 @@ class ModelWorker:
         # Strategy, precision, checkpointing, the replicas' gradient reduction, clipping and the step
         # (align/engine). With replicas, the model is prepared (broadcast or sharded) once their group exists.
         self.train_engine = TrainEngine(spec.trainer.precision, self.device, world_size,
-                                        strategy=spec.trainer.strategy if world_size > 1 else "single",
+                                        strategy=spec.trainer.strategy,
                                         activation_checkpointing=spec.trainer.gradient_checkpointing)
         # A reward model with a base of its own (reward.model_path a classifier, not a reward role).
         self.scorer = build_scorer(spec)
