@@ -8,6 +8,7 @@ seconds, the model and the machine.
     python scripts/bench_rm.py                        # random tiny Llama + GPT-NeoX tokenizer, full
     python scripts/bench_rm.py --model stories260k    # the shipped stories260K, reward LoRA
     python scripts/bench_rm.py --subset all --steps 330   # the three HH subsets mixed
+    python scripts/bench_rm.py --sft-steps 230        # in-domain SFT of the tiny model first (slow: see below)
 
 Data: by default the helpful-base pairs (1,833 for training after the 512 held out, one pass).
 Mixed with harmless-base, whose preferred answer is often the shorter refusal, the same small
@@ -19,6 +20,11 @@ through the shipped GPT-NeoX tokenizer, trained in full (its embeddings learn wh
 preferred answer); `stories260k` is the shipped pretrained model with a reward LoRA adapter
 (the layout PPO loads), whose 512-token vocabulary spells HH dialogues out in small pieces.
 Chance is 0.5; `chance_std` is the standard deviation of a coin's accuracy on the held-out pairs.
+`--sft-steps N` first fine-tunes the tiny model with `algo=sft` on the training subset's
+dialogues (chosen response as the target; the RM's held-out pairs excluded by the same split),
+then trains the reward head on top. Its next-token loss runs the 50k-word GPT-NeoX head over
+every response token: on our shared 2-core machines a 16 x 256 step took 30-50 s, so a useful
+number of steps did not fit in a session (measured in issue 18's item 4 work).
 
 Generalisation: the exported reward model is then evaluated with `algo=eval` on the first
 `--test-size` pairs of `--test-subset` (default helpful-online, never trained on), tokenized as in
@@ -178,6 +184,7 @@ def main() -> None:
             "margin_mean": round(test["margin"]["mean"], 4),
             "by_length": [[round(b["accuracy"], 3), round(b["length_baseline"], 3)] for b in test["by_length"]]},
         "sft": None if sft is None else {"steps": args.sft_steps, "lr": args.sft_lr,
+                                         "val_loss_before": round(sft["val_loss_before"], 4),
                                          "val_loss_after": round(sft["val_loss_after"], 4),
                                          "seconds": round(sft["seconds"], 1)},
         "steps": args.steps,
