@@ -8,6 +8,7 @@ seconds, the model and the machine.
     python scripts/bench_rm.py                        # random tiny Llama + GPT-NeoX tokenizer, full
     python scripts/bench_rm.py --model stories260k    # the shipped stories260K, reward LoRA
     python scripts/bench_rm.py --subset all --steps 330   # the three HH subsets mixed
+    python scripts/bench_rm.py --sft-steps 230        # in-domain SFT of the tiny model first (slow: see below)
 
 Data: by default the helpful-base pairs (1,833 for training after the 512 held out, one pass).
 Mixed with harmless-base, whose preferred answer is often the shorter refusal, the same small
@@ -19,6 +20,11 @@ through the shipped GPT-NeoX tokenizer, trained in full (its embeddings learn wh
 preferred answer); `stories260k` is the shipped pretrained model with a reward LoRA adapter
 (the layout PPO loads), whose 512-token vocabulary spells HH dialogues out in small pieces.
 Chance is 0.5; `chance_std` is the standard deviation of a coin's accuracy on the held-out pairs.
+`--sft-steps N` first fine-tunes the tiny model with `algo=sft` on the training subset's
+dialogues (chosen response as the target; the RM's held-out pairs excluded by the same split),
+then trains the reward head on top. Its next-token loss runs the 50k-word GPT-NeoX head over
+every response token: on our shared 2-core machines a 16 x 256 step took 30-50 s, so a useful
+number of steps did not fit in a session (measured in issue 18's item 4 work).
 
 Generalisation: the exported reward model is then evaluated with `algo=eval` on the first
 `--test-size` pairs of `--test-subset` (default helpful-online, never trained on), tokenized as in
@@ -82,6 +88,24 @@ def overrides(args, model_dir: str | None, out: Path) -> list[str]:
     ]
 
 
+def sft_overrides(args, model_dir: str, out: Path) -> list[str]:
+    """`algo=sft` of the tiny model on the training subset's dialogues (chosen response as the
+    target), the same held-out split and windows as the RM run: in-domain language modelling
+    before the reward head (the pipeline's sft -> rm order)."""
+    from align.config import shared_data_dir
+
+    pattern = "*" if args.subset == "all" else f"{args.subset}_test"
+    return ["algo=sft", f"model.name_or_path={model_dir}", "model.finetune=full", "data=hh_sft",
+            f"data.source={os.path.join(shared_data_dir(), 'hh-rlhf', f'{pattern}.jsonl.gz')}", "data.format=hh",
+            "data.on_error=skip", f"data.val_size={args.val_size}", f"data.max_length={args.max_length}",
+            f"data.max_prompt_length={args.max_length - args.max_response_length}",
+            f"data.max_response_length={args.max_response_length}", f"trainer.max_steps={args.sft_steps}",
+            f"trainer.batch_size={args.batch_size}", f"trainer.lr={args.sft_lr}", "trainer.warmup_steps=10",
+            "trainer.eval_batches=4", f"trainer.eval_every={args.sft_steps}", f"trainer.save_every={args.sft_steps}",
+            f"trainer.num_threads={args.threads}", "trainer.progress=false", "trainer.resume=never",
+            f"seed={args.seed}", f"output_dir={out}"]
+
+
 def eval_overrides(args, reward_model: str, out: Path) -> list[str]:
     """`algo=eval` of the exported reward model on --test-subset, tokenized as in training."""
     from align.config import shared_data_dir
@@ -111,6 +135,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], help="an extra Hydra override of the RM run (repeatable)")
+    p.add_argument("--sft-steps", type=int, default=0,
+                   help="tiny-neox: first this many SFT steps on the training subset's dialogues (0: none)")
+    p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--hidden", type=int, default=64, help="tiny-neox hidden size")
+    p.add_argument("--layers", type=int, default=2, help="tiny-neox layers")
     p.add_argument("--output-dir", default=None, help="default: a temporary folder, removed afterwards")
     args = p.parse_args()
     args.lr = args.lr if args.lr is not None else (1e-3 if args.model == "tiny-neox" else 5e-3)
@@ -122,7 +151,16 @@ def main() -> None:
         out = Path(args.output_dir or tmp)
         model_dir = None
         if args.model == "tiny-neox":
-            model_dir = build_tiny_neox(out / "init_model", hidden=64, layers=2, heads=4, seed=args.seed)
+            model_dir = build_tiny_neox(out / "init_model", hidden=args.hidden, layers=args.layers, heads=4,
+                                        seed=args.seed)
+        sft = None
+        if args.sft_steps:
+            if args.model != "tiny-neox":
+                raise SystemExit("--sft-steps: tiny-neox only")
+            t_sft = time.perf_counter()
+            sft = run(*compose(sft_overrides(args, model_dir, out / "sft")))
+            sft["seconds"] = time.perf_counter() - t_sft
+            model_dir = str(Path(sft["output_dir"]) / "final")
         cfg, raw = compose(overrides(args, model_dir, out / "run"))
         t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         summary = run(cfg, raw)
@@ -145,12 +183,16 @@ def main() -> None:
             "length_baseline": round(test["length_baseline"], 4), "chance_std": round(0.5 / test["pairs"] ** 0.5, 4),
             "margin_mean": round(test["margin"]["mean"], 4),
             "by_length": [[round(b["accuracy"], 3), round(b["length_baseline"], 3)] for b in test["by_length"]]},
+        "sft": None if sft is None else {"steps": args.sft_steps, "lr": args.sft_lr,
+                                         "val_loss_before": round(sft["val_loss_before"], 4),
+                                         "val_loss_after": round(sft["val_loss_after"], 4),
+                                         "seconds": round(sft["seconds"], 1)},
         "steps": args.steps,
         "pairs_seen": args.steps * args.batch_size,
         "train_pairs": summary["train_pairs"],
         "seconds": round(seconds, 1),
         "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
-        "model": {"name": args.model, "finetune": cfg.model.finetune, "lr": args.lr, "batch_size": args.batch_size,
+        "model": {"name": args.model, "hidden": args.hidden, "layers": args.layers, "finetune": cfg.model.finetune, "lr": args.lr, "batch_size": args.batch_size,
                   "max_length": args.max_length, "max_response_length": args.max_response_length},
         "data": {"subset": args.subset, "source": cfg.data.source, "rows_read": summary["data"]["rows_read"],
                  "rows_skipped": summary["data"]["rows_skipped"]},

@@ -344,3 +344,35 @@ def test_length_balance_keeps_the_minority_side_and_ties_and_draws_as_many_from_
     # the other way round: the chosen response mostly the shorter
     flipped = [{**x, "chosen_ids": x["rejected_ids"], "rejected_ids": x["chosen_ids"]} for x in items]
     assert len(balance_lengths(flipped, seed=0)) == 5
+
+
+def test_bench_rm_sft_stage_never_trains_on_the_rm_held_out_pairs(tmp_path):
+    """scripts/bench_rm.py --sft-steps: the in-domain SFT stage composes (algo=sft, full, the
+    same subset and windows) and splits its data as the RM stage does, so the RM's held-out
+    accuracy is not measured on dialogues the base was fine-tuned on."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from align.data import build_split
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_rm.py"
+    spec = importlib.util.spec_from_file_location("bench_rm", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(model="tiny-neox", subset="helpful-base", steps=5, batch_size=16, lr=1e-3, val_size=512,
+                              max_length=256, max_response_length=64, eval_every=0, threads=1, seed=0, set=[],
+                              sft_steps=7, sft_lr=1e-3)
+    rm_cfg, _ = compose(bench.overrides(args, "unused-model-dir", tmp_path / "rm"))
+    sft_cfg, _ = compose(bench.sft_overrides(args, "unused-model-dir", tmp_path / "sft"))
+    assert sft_cfg.algo.name == "sft" and sft_cfg.model.finetune == "full" and sft_cfg.trainer.max_steps == 7
+    for key in ("source", "format", "val_size", "seed", "max_length", "max_prompt_length", "max_response_length"):
+        assert getattr(sft_cfg.data, key) == getattr(rm_cfg.data, key), key
+
+    def split(d):  # as align/trainers/rm.py and align/trainers/setup.py call it
+        return build_split(d.source, d.format, val_fraction=d.val_fraction, val_size=d.val_size, seed=d.seed,
+                           columns=dict(d.columns), on_error=d.on_error, limit=d.limit, split=d.split)
+
+    (rm_train, rm_val), (sft_train, _) = split(rm_cfg.data), split(sft_cfg.data)
+    assert len(rm_val) == 512 and len(rm_train) == 1833
+    assert not {repr(ex) for ex in rm_val} & {repr(ex) for ex in sft_train}
