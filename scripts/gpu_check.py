@@ -31,6 +31,7 @@ import copy
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -151,6 +152,61 @@ def rl_worker_check(model_path: str, dtype: str, device: str, prompts) -> dict:
     if device == "cuda":
         out["sleeping_engine_frees_gib"] = round((asleep_free - awake_free) / 1024**3, 2)
     return out
+
+
+def _align(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+def rl_through_ray_check(model_path: str, out: Path) -> dict:
+    """`python -m align algo=grpo` as a user runs it on a GPU: the driver, Ray workers that ask
+    for the GPU, vLLM rollouts synced with the LoRA actor, bf16-mixed training; 3 steps."""
+    proc = _align(["algo=grpo", "model=hf", f"model.name_or_path={model_path}", "model.device=cuda",
+                   "model.dtype=bfloat16", "rollout=vllm", "rollout.gpu_memory_utilization=0.3",
+                   "trainer.precision=bf16-mixed", "trainer.max_steps=3", "trainer.eval_every=3", "trainer.progress=false",
+                   "algo.rollout_batch_size=4", "algo.num_generations=4", "algo.eval_prompts=4",
+                   "rollout.max_new_tokens=16", "data=story_prompts", "reward=story", f"output_dir={out}"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if proc.returncode == 0 else []
+    last = rows[-1] if rows else {}
+    gap = last.get("actor/mismatch/abs_logp_diff")
+    return {"ok": proc.returncode == 0 and len(rows) == 4 and gap is not None and gap < 0.05,
+            "exit": proc.returncode, "steps": len(rows) - 1, "mismatch_abs_logp_diff": gap,
+            "seconds_per_step": last.get("time/step"), "stderr_tail": proc.stderr[-800:] if proc.returncode else ""}
+
+
+FSDP2_ONE_GPU = """
+import sys, torch, torch.distributed as dist
+dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+torch.cuda.set_device(0)
+from align.config import compose
+from align.trainers import run
+cfg, raw = compose(sys.argv[1:])
+run(cfg, raw)
+dist.destroy_process_group()
+"""
+
+
+def fsdp2_check(model_path: str, out: Path) -> dict:
+    """SFT full fine-tuning under trainer.strategy=fsdp2 (a process group of one GPU: FSDP2's
+    units, bf16 mixed-precision policy and gathered checkpoints) against the unsharded engine."""
+    common = ["algo=sft", "model=hf", f"model.name_or_path={model_path}", "model.device=cuda", "model.finetune=full",
+              "trainer.precision=bf16-mixed", "trainer.max_steps=5", "trainer.progress=false", "trainer.save_every=5",
+              "data.limit=64", "trainer.optimizer=sgd", "trainer.lr=0.1", "trainer.check_memory=off"]
+    losses = {}
+    for strategy in ("fsdp2", "single"):
+        d = out / strategy
+        args = [*common, f"trainer.strategy={strategy}", f"output_dir={d}"]
+        if strategy == "single":
+            proc = _align(args)
+        else:  # the process group the Ray workers would be in, here of one GPU
+            proc = subprocess.run([sys.executable, "-c", FSDP2_ONE_GPU, *args], capture_output=True, text=True,
+                                  timeout=420, cwd=REPO)
+        if proc.returncode != 0:
+            return {"ok": False, "strategy": strategy, "exit": proc.returncode, "stderr_tail": proc.stderr[-800:]}
+        losses[strategy] = [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses["fsdp2"], losses["single"]))
+    return {"ok": worst < 0.02 and (out / "fsdp2" / "final").exists(), "losses": losses, "max_rel_loss_gap": worst}
 
 
 def main(argv=None) -> int:
@@ -308,6 +364,8 @@ def main(argv=None) -> int:
         engine.close()
         engine = None  # free it before the RL worker builds its own
         run("rl_worker", lambda: rl_worker_check(model_path, dtype, device, prompts))
+        run("rl_through_ray", lambda: rl_through_ray_check(model_path, work / "grpo"))
+        run("fsdp2_one_gpu", lambda: fsdp2_check(model_path, work / "sft"))
     except Exception as e:  # noqa: BLE001 - set-up failed: still print the summary
         traceback.print_exc()
         summary["error"] = f"{type(e).__name__}: {e}"

@@ -6,8 +6,11 @@
 #    the official `vllm` wheel (it brings its own CUDA torch), peft, and this package (no deps).
 # 2. Runs scripts/gpu_check.py: generation, log-prob agreement with the trainer and the HF
 #    backend on the same weights (mean absolute difference), LoRA sync changes the outputs (and
-#    matches transformers+peft), full in-place sync and restore, sleep mode, throughput, and an
-#    RL worker with rollout.backend=vllm whose sync keeps vLLM on the trained actor.
+#    matches transformers+peft), full in-place sync and restore, sleep mode, throughput, an
+#    RL worker with rollout.backend=vllm whose sync keeps vLLM on the trained actor, GRPO through
+#    `python -m align` (the driver and Ray workers asking for the GPU, vLLM rollouts, bf16-mixed),
+#    and SFT full fine-tuning under trainer.strategy=fsdp2 (FSDP2 over a one-GPU group, bf16
+#    policy) against the unsharded engine.
 # 3. The last line of stdout is the JSON summary; exit 0 when every check passed.
 #
 # The installation needs PyPI. Offline, pre-build the environment (or set PYTHON) and rerun.

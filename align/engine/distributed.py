@@ -17,6 +17,11 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+def initialized() -> bool:
+    """Whether this process is in a process group (of any size)."""
+    return _dist() is not None
+
+
 def rank() -> int:
     d = _dist()
     return d.get_rank() if d else 0

@@ -93,7 +93,9 @@ class TrainEngine:
         if strategy == "single" and self.world_size > 1:
             raise ValueError(f"trainer.strategy=single holds one replica, but {self.world_size} run: "
                              "use trainer.strategy=ddp or fsdp2")
-        self.strategy = strategy if self.world_size > 1 else "single"  # one replica: nothing to share
+        # One replica without a process group has nothing to share (a group of one, as on one GPU,
+        # keeps the strategy: FSDP2 then runs its machinery over a mesh of one).
+        self.strategy = strategy if self.world_size > 1 or distributed.initialized() else "single"
         self.activation_checkpointing = activation_checkpointing
         self._root: nn.Module | None = None
 

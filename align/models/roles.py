@@ -292,6 +292,9 @@ class RoleModel(nn.Module):
     # Padding-free passes (`trainer.max_tokens_per_micro` set): a batch's sequences packed into
     # rows with restarting position ids (`unpad`); set by the trainer or worker that owns the model.
     packed: bool = False
+    # fsdp2 replicas must run the same decoder passes: `response_log_probs` then takes the shared-prompt
+    # pass whatever the rows (set by the worker's engine when sharded)
+    same_passes: bool = False
     multi_role_modes: tuple[str, ...] = ("separate",)
     value_head: nn.Linear | None
     score_head: nn.Linear | None
@@ -389,8 +392,8 @@ class RoleModel(nn.Module):
         P = prompt_ids.shape[1]
         distinct, row_prompt = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
         shared_cost = len(distinct) * P + response_ids.numel()
-        if self.packed and (len(distinct) == len(prompt_ids)
-                            or int(prompt_mask.sum()) + int(response_mask.sum()) < shared_cost):
+        if self.packed and not self.same_passes and (len(distinct) == len(prompt_ids)
+                                                     or int(prompt_mask.sum()) + int(response_mask.sum()) < shared_cost):
             ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask.long(), response_mask.long()], 1)
             score = torch.cat([torch.zeros_like(prompt_mask[:, 1:], dtype=torch.bool), response_mask.bool()], 1)
             with self._activate(role):
@@ -398,7 +401,7 @@ class RoleModel(nn.Module):
                 out = packed_token_logprobs(self._causal_lm(role), hidden, ids, index, tuple(ids.shape), temperature,
                                             entropy, score_mask=score)  # (B, P + R - 1)
             return tuple(x[:, P - 1 :] for x in out) if entropy else out[:, P - 1 :]
-        if len(distinct) == len(prompt_ids):
+        if len(distinct) == len(prompt_ids) and not self.same_passes:
             ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask.long(), response_mask.long()], 1)
             with self._activate(role):
                 hidden = self._backbone(role, ids, mask)[:, P - 1 :]  # (B, R + 1, H): the LM head on responses only

@@ -332,7 +332,8 @@ class PreferenceObjective:
         share_prompt the batch takes whichever of the two computes fewer positions."""
         if isinstance(batch, PairBatch):
             shared, packed = shared_prompt_cost(batch.prompt_mask, batch.response_mask, k=2)
-            if self.algo.share_prompt and (not self.packed or shared <= packed):
+            same_passes = distributed.world_size() > 1  # replicas (fsdp2) must run the same decoder passes
+            if self.algo.share_prompt and (not self.packed or same_passes or shared <= packed):
                 return self.forward(shared_prompt_logps, model, **batch.tensors, k=2)
             return self.forward(concatenated_logps, model, **batch.tensors, k=2, packed=self.packed)
         main = self.forward(response_logps, model, batch.input_ids, batch.attention_mask, batch.loss_mask, self.packed)

@@ -11,6 +11,7 @@ worker, its pid and host and the verb it was running, never as a hang or a bare 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -112,7 +113,16 @@ class WorkerGroup:
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         try:
-            return ray.get(refs, timeout=timeout)
+            # One replica's failure leaves the others waiting in a collective for it: surface the
+            # first error as soon as it exists instead of waiting for every result.
+            pending, deadline = list(refs), None if timeout is None else time.monotonic() + timeout
+            while pending:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, pending = ray.wait(pending, num_returns=1, timeout=left)
+                if not done:
+                    raise GetTimeoutError(f"{len(pending)} results not ready")
+                ray.get(done[0])
+            return ray.get(refs)
         except RayActorError as err:
             raise WorkerDiedError(f"{self._who(err, refs)} died while running {method!r}: {_first_line(err)}") from err
         except RayTaskError as err:

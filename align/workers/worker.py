@@ -168,6 +168,7 @@ class ModelWorker:
 
         spec = self.spec
         self.train_engine.prepare(self.model)
+        self.model.same_passes = self.train_engine.sharded
         for role in ("actor", "critic"):
             if role in self.model.roles:
                 tcfg = spec.trainer
