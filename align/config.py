@@ -147,6 +147,8 @@ class TrainerConfig:
         model; gradients summed once per step) or `fsdp2` (parameters, gradients and optimizer state
         sharded over the replicas with PyTorch FSDP2). Batch sizes are global: N replicas train on
         the same examples per step as one.
+    fsdp_shard_size: fsdp2 only: shard over groups of this many replicas (e.g. the GPUs of a node),
+        the groups replicating (hybrid sharding, HSDP, over a 2-D mesh); null: over all replicas.
     gradient_checkpointing: keep only each decoder layer's input for the backward pass and run the
         layer's forward again there (align/models/checkpointing.py; KV-cached shared-prompt passes
         included): activations fall to about one hidden state per token and layer, for one more
@@ -185,6 +187,7 @@ class TrainerConfig:
     progress: bool = True
     precision: str = "fp32"
     strategy: str = "single"
+    fsdp_shard_size: Optional[int] = None
     optimizer: str = "adamw"
     loggers: Tuple[str, ...] = ("jsonl", "tensorboard")
     run_name: Optional[str] = None
@@ -740,6 +743,10 @@ class RunConfig:
                 f"data-parallel replicas are for {list(REPLICATED_ALGOS)}. Set cluster.num_replicas=1"
                 + (" and give each stage its replicas in algo.overrides" if name == "pipeline" else "")
             )
+        shard = self.trainer.fsdp_shard_size
+        if shard is not None and (strategy != "fsdp2" or shard < 1 or n % shard):
+            raise ConfigError(f"trainer.fsdp_shard_size={shard}: needs trainer.strategy=fsdp2 and must divide "
+                              f"cluster.num_replicas={n}")
         if n > 1 and strategy == "single":
             raise ConfigError(f"trainer.strategy=single holds one replica, but cluster.num_replicas={n}: "
                               "set trainer.strategy=ddp (whole model per replica) or fsdp2 (sharded)")

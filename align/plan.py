@@ -38,9 +38,9 @@ arXiv:2205.05198, Sec. 4.1 counts 34 s b h bytes per GPT layer the same way; SDP
 attention, keeps no (T, T) score matrix.) Gradient checkpointing (Chen et al., arXiv:1604.06174)
 keeps each layer's input, h per token and layer, and recomputes one layer at a time.
 
-Sharding (`trainer.strategy`, when the trainer has it; today every process holds a whole replica,
-`single`): DDP replicates everything and adds gradient buckets of the gradients' size
-(torch.nn.parallel.DistributedDataParallel docs, `gradient_as_bucket_view`); FSDP / ZeRO-3 divides
+Sharding (`trainer.strategy`, align/engine): `single` holds a whole replica; `ddp` replicates
+everything and adds a flat buffer of the gradients' size for the all-reduce (as
+torch.nn.parallel.DistributedDataParallel's gradient buckets); `fsdp2` (FSDP / ZeRO-3) divides
 parameters, gradients and optimizer state by the world size and gathers one layer's parameters at a
 time (PyTorch FSDP2 `fully_shard` docs; ZeRO Sec. 5.3, Pos+g+p: (2 + 2 + K) * params / N_d; veRL's
 FSDP workers do the same). `trainer.check_memory` (warn | strict | off) runs this plan at start-up.

@@ -93,5 +93,11 @@ def test_replicas_need_a_data_parallel_strategy_and_an_even_share():
         compose(["algo=sft", "cluster.num_replicas=2"])
     with pytest.raises(ConfigError, match=r"trainer\.strategy: 'zero3' is not one of"):
         compose(["algo=sft", "trainer.strategy=zero3"])
+    with pytest.raises(ConfigError, match=r"trainer\.fsdp_shard_size=3: needs trainer\.strategy=fsdp2 and must divide"):
+        compose(["algo=sft", "cluster.num_replicas=4", "trainer.strategy=fsdp2", "trainer.fsdp_shard_size=3"])
+    with pytest.raises(ConfigError, match=r"trainer\.fsdp_shard_size=2: needs trainer\.strategy=fsdp2"):
+        compose(["algo=sft", "cluster.num_replicas=4", "trainer.strategy=ddp", "trainer.fsdp_shard_size=2"])
+    assert compose(["algo=sft", "cluster.num_replicas=4", "trainer.strategy=fsdp2",
+                    "trainer.fsdp_shard_size=2"])[0].trainer.fsdp_shard_size == 2
     with pytest.raises(ConfigError, match=r"trainer\.batch_size=3 must be a multiple of cluster\.num_replicas=2"):
         compose(["algo=sft", "cluster.num_replicas=2", "trainer.strategy=fsdp2", "trainer.batch_size=3"])

@@ -77,17 +77,35 @@ def _assert_same_run(a: Path, b: Path, step: int, tol: float = 1e-5, weight_tol:
     ("dpo", "lora", "fsdp2"),
     ("dpo", "full", "fsdp2"),
     ("kto", "lora", "fsdp2"),
+    ("sft", "lora", "hsdp"),  # fsdp2 over a 2 x 1 mesh: shards of one replica, replicated twice
 ])
 def test_two_replicas_equal_one_on_the_whole_batch(tmp_path, one_thread, stage, finetune, strategy):
     model = ["model=stories260k_lora"] if finetune == "lora" else ["model.finetune=full"]
     overrides = [*STAGES[stage], *model]
     _single(tmp_path / "one", overrides)
-    run_replicas([*COMMON, *overrides, f"trainer.strategy={strategy}", "cluster.num_replicas=2",
-                  f"output_dir={tmp_path / 'two'}"])
+    sharding = ["trainer.strategy=fsdp2", "trainer.fsdp_shard_size=1"] if strategy == "hsdp" else [f"trainer.strategy={strategy}"]
+    run_replicas([*COMMON, *overrides, *sharding, "cluster.num_replicas=2", f"output_dir={tmp_path / 'two'}"])
     _assert_same_run(tmp_path / "one", tmp_path / "two", step=3)
     # rank 0 alone wrote the outputs, and the exported model loads
     assert (tmp_path / "two" / "summary.json").exists()
     assert len(read_metrics(tmp_path / "two")) == len(read_metrics(tmp_path / "one"))
+
+
+def test_fsdp2_bf16_mixed_tracks_fp32(tmp_path, one_thread):
+    # Under fsdp2, bf16-mixed is FSDP2's policy (bf16 gathered parameters, fp32 masters, fp32
+    # reductions): its losses track the fp32 run's within 2% over 6 steps, and it trains.
+    overrides = ["algo=sft", "model.finetune=full", "trainer.max_steps=6", "trainer.save_every=6", "trainer.eval_every=6",
+                 "trainer.optimizer=adamw", "trainer.lr=2e-3"]
+    _single(tmp_path / "fp32", overrides)
+    run_replicas([*COMMON, *overrides, "trainer.precision=bf16-mixed", "trainer.strategy=fsdp2",
+                  "cluster.num_replicas=2", f"output_dir={tmp_path / 'bf16'}"])
+    fp32, bf16 = ([r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("fp32", "bf16"))
+    assert len(fp32) == len(bf16) == 6
+    for a, b in zip(fp32, bf16):
+        assert b == pytest.approx(a, rel=2e-2)
+    assert bf16 != fp32  # it did compute in bf16
+    weights = _weights(tmp_path / "bf16", 6)
+    assert all(t.dtype == torch.float32 for t in weights.values())  # fp32 master weights saved
 
 
 def test_fsdp2_checkpoint_resumes_on_one_replica(tmp_path, one_thread):

@@ -14,7 +14,9 @@ Strategy (`trainer.strategy`; torchtitan and veRL's FSDP workers are the models)
   (DDP with `no_sync` over the accumulation, reduced once). Replicas may run different numbers
   of micro-batches and forward paths, since nothing is hooked into the forward.
 - `fsdp2`: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard` over a 1-D DeviceMesh; Zhao et
-  al. 2023, "PyTorch FSDP", https://arxiv.org/abs/2304.11277). Each decoder layer (the model's
+  al. 2023, "PyTorch FSDP", https://arxiv.org/abs/2304.11277). With `shard_size` (trainer.
+  fsdp_shard_size) smaller than the replicas, hybrid sharding over a 2-D mesh: each group of
+  `shard_size` replicas (a node, say) shards, the groups replicate and all-reduce (HSDP). Each decoder layer (the model's
   `_no_split_modules`, as veRL's wrap policy) is one unit, and a root unit over the whole model
   holds the rest (embeddings, final norm, LM head, value and score heads). Parameters, gradients
   and optimizer state are sharded on dim 0; a unit's parameters are all-gathered for its forward
@@ -80,7 +82,7 @@ class TrainEngine:
     """
 
     def __init__(self, precision: str = "fp32", device: str | torch.device = "cpu", world_size: int | None = None,
-                 strategy: str = "single", activation_checkpointing: bool = False):
+                 strategy: str = "single", activation_checkpointing: bool = False, shard_size: int | None = None):
         from align.engine import distributed
 
         if precision not in PRECISIONS:
@@ -97,6 +99,9 @@ class TrainEngine:
         # keeps the strategy: FSDP2 then runs its machinery over a mesh of one).
         self.strategy = strategy if self.world_size > 1 or distributed.initialized() else "single"
         self.activation_checkpointing = activation_checkpointing
+        self.shard_size = shard_size or self.world_size
+        if self.world_size % self.shard_size:
+            raise ValueError(f"trainer.fsdp_shard_size={shard_size} must divide the {self.world_size} replicas")
         self._root: nn.Module | None = None
 
     @property
@@ -131,7 +136,11 @@ class TrainEngine:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(self.device_type, (self.world_size,))
+        if self.shard_size == self.world_size:  # full shard over every replica
+            mesh = init_device_mesh(self.device_type, (self.world_size,))
+        else:  # hybrid: shards within groups of shard_size replicas, the groups replicate (HSDP)
+            mesh = init_device_mesh(self.device_type, (self.world_size // self.shard_size, self.shard_size),
+                                    mesh_dim_names=("replicate", "shard"))
         kw: dict[str, Any] = {"mesh": mesh}
         if self.precision == "bf16-mixed":
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

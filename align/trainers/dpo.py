@@ -531,7 +531,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     model.train()
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
     engine = TrainEngine(tcfg.precision, device, strategy=tcfg.strategy,  # every forward below runs through it
-                         activation_checkpointing=tcfg.gradient_checkpointing)
+                         activation_checkpointing=tcfg.gradient_checkpointing, shard_size=tcfg.fsdp_shard_size)
     engine.prepare(model)  # checkpointed layers; fp32 masters under bf16-mixed; sharded under fsdp2
 
     # 3. Data: pairs (or unpaired KTO examples), split deterministically, tokenized.

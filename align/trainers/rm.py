@@ -301,7 +301,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     model.packed = tcfg.max_tokens_per_micro is not None  # padding-free passes in token-budget micro-batches
     model.train()
     engine = TrainEngine(tcfg.precision, next(model.parameters()).device, strategy=tcfg.strategy,
-                         activation_checkpointing=tcfg.gradient_checkpointing)
+                         activation_checkpointing=tcfg.gradient_checkpointing, shard_size=tcfg.fsdp_shard_size)
     engine.prepare(model)  # checkpointed layers; fp32 masters under bf16-mixed; sharded under fsdp2
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
 

@@ -122,7 +122,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     model, tokenizer = build_policy(cfg.model)
     model.train()
     engine = TrainEngine(tcfg.precision, next(model.parameters()).device, strategy=tcfg.strategy,
-                         activation_checkpointing=tcfg.gradient_checkpointing)
+                         activation_checkpointing=tcfg.gradient_checkpointing, shard_size=tcfg.fsdp_shard_size)
     engine.prepare(model)  # checkpointed layers; fp32 masters under bf16-mixed; sharded under fsdp2
 
     # 3. Data: read, split deterministically, tokenize with the prompt masked.

@@ -139,7 +139,8 @@ class ModelWorker:
         # (align/engine). With replicas, the model is prepared (broadcast or sharded) once their group exists.
         self.train_engine = TrainEngine(spec.trainer.precision, self.device, world_size,
                                         strategy=spec.trainer.strategy,
-                                        activation_checkpointing=spec.trainer.gradient_checkpointing)
+                                        activation_checkpointing=spec.trainer.gradient_checkpointing,
+                                        shard_size=spec.trainer.fsdp_shard_size)
         # A reward model with a base of its own (reward.model_path a classifier, not a reward role).
         self.scorer = build_scorer(spec)
         self.engine, self.rollout_model = None, None

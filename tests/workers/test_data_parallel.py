@@ -32,13 +32,13 @@ def make_batch(B: int = 16, seed: int = 0) -> Experience:
     )
 
 
-def spec_for(stories_path: str, strategy: str = "single") -> WorkerSpec:
+def spec_for(stories_path: str, strategy: str = "single", finetune: str = "lora") -> WorkerSpec:
     """Plain SGD: a weight change is lr x the (clipped) gradient, so comparing weights compares
     gradients. (Adam's first step is ~lr x sign(g) whatever the gradient's scale, which would
     hide a wrong loss normaliser.)"""
     trainer = TrainerConfig(lr=0.5, optimizer="sgd", warmup_steps=0, lr_scheduler="constant", max_grad_norm=1.0,
                             strategy=strategy)
-    return WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune="lora"), trainer=trainer, roles=ROLES)
+    return WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune=finetune), trainer=trainer, roles=ROLES)
 
 
 def losses(micro: int) -> dict:
@@ -47,8 +47,8 @@ def losses(micro: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_replicas_take_the_same_steps_as_one_on_the_whole_batch(ray_cluster, stories_path, strategy):
+@pytest.mark.parametrize("strategy,finetune", [("ddp", "lora"), ("fsdp2", "lora"), ("fsdp2", "full")])
+def test_two_replicas_take_the_same_steps_as_one_on_the_whole_batch(ray_cluster, stories_path, strategy, finetune):
     """2 epochs x 2 minibatches of 8 rows with actor (clipped loss + k3 KL) and critic updates.
     One replica runs each minibatch as 2 micro-batches of 4; two replicas (gloo; whole copies
     under ddp, sharded under fsdp2) run 4 rows each and sum gradients. Both replicas must end
@@ -57,7 +57,7 @@ def test_two_replicas_take_the_same_steps_as_one_on_the_whole_batch(ray_cluster,
     from align.trainers.rl import dispatch_updates, update_plan
     from align.workers.group import Placement, WorkerGroup
 
-    spec = spec_for(stories_path)
+    spec = spec_for(stories_path, finetune=finetune)
     one = WorkerGroup("dp-one", spec, num_replicas=1, run_id="test-dp")
     try:
         initial = {r: one.call("trainable_state", r)[0] for r in ROLES}
@@ -68,7 +68,7 @@ def test_two_replicas_take_the_same_steps_as_one_on_the_whole_batch(ray_cluster,
     finally:
         one.kill()
 
-    two = WorkerGroup("dp-two", spec_for(stories_path, strategy), num_replicas=2, run_id="test-dp")
+    two = WorkerGroup("dp-two", spec_for(stories_path, strategy, finetune), num_replicas=2, run_id="test-dp")
     try:
         again = Placement({"actor": two, "critic": two}).annotate(make_batch(), ("reference", "actor", "critic"))
         mask = batch.response_mask.float()  # positions past a response's end are padding
@@ -84,8 +84,8 @@ def test_two_replicas_take_the_same_steps_as_one_on_the_whole_batch(ray_cluster,
         assert all(torch.equal(a, b) for a, b in zip(rank0, rank1)), f"{role}: replicas diverged"
         moved = max(float((a - b).abs().max()) for a, b in zip(after_one[role], initial[role]))
         assert moved > 1e-3, f"{role}: the update did not move the weights"
-        for a, b in zip(after_one[role], rank0):
-            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+        for a, b in zip(after_one[role], rank0):  # full weights (|w| ~ 0.1-1) carry more rounding than LoRA's
+            torch.testing.assert_close(b, a, atol=1e-6 if finetune == "lora" else 1e-5, rtol=1e-5)
     for key in ("actor/loss", "actor/grad_norm", "critic/loss", "critic/grad_norm", "actor/clipfrac"):
         assert metrics_two[key] == pytest.approx(metrics_one[key], rel=1e-4, abs=1e-6), key
     assert metrics_one["actor/clipfrac"] > 0  # the second epoch is off-policy: the clip is exercised
