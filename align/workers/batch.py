@@ -60,6 +60,8 @@ class Experience:
                    (empty for single-turn rollouts).
     response_text: the decoded responses, one per row.
     finish_reason: "stop" or "length", one per row.
+    policy_version: (B,) int64, the policy version (optimizer iterations published to the engine)
+                   that generated the row; set by a rollout-group worker (rollout.mode=async).
     prompts:       each row's prompt as the data gave it (text, or chat messages), for a reward
                    model with a tokenizer of its own (`align.models.scorer`); set by the driver.
     """
@@ -79,6 +81,7 @@ class Experience:
     advantages: Tensor | None = None
     returns: Tensor | None = None
     response_attention: Tensor | None = None
+    policy_version: Tensor | None = None
     episodes: list = field(default_factory=list)
     response_text: list[str] = field(default_factory=list)
     finish_reason: list[str] = field(default_factory=list)

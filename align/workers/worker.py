@@ -143,6 +143,9 @@ class ModelWorker:
         # A reward model with a base of its own (reward.model_path a classifier, not a reward role).
         self.scorer = build_scorer(spec)
         self.engine, self.rollout_model = None, None
+        # The policy version the engine generates with, when weights are published to it (a
+        # rollout-group worker under rollout.mode=async); None: the engine follows this worker's actor.
+        self.policy_version: int | None = None
         if "actor" in self.model.roles and spec.rollout.backend == "vllm":
             self.engine = self._vllm_engine()
             self.sync_rollout()  # the actor as it starts (an adapter of zeros reads as the base)
@@ -212,7 +215,7 @@ class ModelWorker:
         if self._sleeps:
             self.engine.wake_up()
         try:
-            return from_rollout(prompts, group_ids, self.engine.generate(prompts, params))
+            return self._tag(from_rollout(prompts, group_ids, self.engine.generate(prompts, params)))
         finally:
             if self._sleeps:
                 self.engine.sleep()  # the engine's GPU memory goes back to training until the next rollout
@@ -229,10 +232,10 @@ class ModelWorker:
         if self._sleeps:
             self.engine.wake_up()
         try:
-            return from_episodes(run_episodes(
+            return self._tag(from_episodes(run_episodes(
                 self.engine, self.tokenizer, rows, group_ids, env_name=env.name, env_options=dict(env.options),
                 params=params, max_turns=env.max_turns, max_total_tokens=env.max_total_tokens,
-                max_prompt_length=max_prompt_length))
+                max_prompt_length=max_prompt_length)))
         finally:
             if self._sleeps:
                 self.engine.sleep()
@@ -420,6 +423,43 @@ class ModelWorker:
             self.engine.wake_up()  # it stays awake for the rollout that follows a sync
         self.engine.update_weights(**{"lora" if self.model.is_lora else "state_dict": tensors})
         return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def actor_weights(self) -> dict[str, Tensor] | None:
+        """What a rollout worker needs to generate as this actor (`sync_state_dict`: the LoRA
+        adapter's tensors, or the full state dict), as CPU copies; every replica calls it (sharded
+        weights are gathered), rank 0 returns it, the others None."""
+        with self.train_engine.gathered(self.model):
+            if self.rank != 0:
+                return None
+            return {k: v.detach().cpu().clone() for k, v in self.model.sync_state_dict("actor").items()}
+
+    def set_actor_weights(self, tensors: dict[str, Tensor], version: int) -> int:
+        """Take the trainer's actor (what `actor_weights` returned) as policy `version`: load it
+        into this worker's actor and refresh the engine from it (`sync_rollout`). Later rollouts
+        record `version` per sample (`Experience.policy_version`). Returns the bytes received."""
+        from peft import set_peft_model_state_dict
+
+        lm = getattr(self.model, "peft", None) or self.model.models["actor"]  # MultiHeadModel | SeparateModels
+        if self.model.is_lora:
+            set_peft_model_state_dict(lm, {k: v.to(self.device) for k, v in tensors.items()}, adapter_name="actor")
+        else:
+            with torch.no_grad():
+                live = lm.state_dict()
+                unknown = sorted(set(tensors) - set(live))
+                if unknown:
+                    raise KeyError(f"{self.name}: published weights name parameters the actor lacks: {unknown[:5]}")
+                for k, v in tensors.items():
+                    live[k].copy_(v)
+        self.sync_rollout()
+        self.policy_version = int(version)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def _tag(self, batch: Experience) -> Experience:
+        """Record the policy version that generated each row, when this worker's engine follows
+        published weights."""
+        if self.policy_version is None:
+            return batch
+        return batch.replace(policy_version=torch.full((len(batch),), self.policy_version, dtype=torch.long))
 
     @property
     def _sleeps(self) -> bool:
