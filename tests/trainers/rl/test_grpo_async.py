@@ -160,3 +160,15 @@ def test_async_resume_after_sigkill_restarts_the_queue_without_losing_or_repeati
     assert all(rows[s]["async/lag_max"] == 1 for s in range(resumed_from + 2, 7))
     final = json.loads((out / "checkpoints" / "step_6" / "trainer_state.json").read_text())
     assert final["data"] == {"epoch": 0, "cursor": 12} and final["async_dropped"] == 0
+
+
+@pytest.mark.slow
+def test_async_with_data_parallel_trainer_replicas(ray_cluster, tmp_path):
+    """Two ddp trainer replicas and one rollout worker (0.5 CPU each): rank 0 publishes the
+    replicas' common weights while rank 1 takes part in the call; the run completes with the
+    one-version lag after the first batch and full batches that the replicas train on."""
+    rows = _run(tmp_path, "dp", "trainer.max_steps=3", "rollout.mode=async", "rollout.max_staleness=1",
+                "cluster.num_replicas=2", "trainer.strategy=ddp", "cluster.num_cpus_per_worker=0.5",
+                f"cluster.address={ray_cluster}")
+    assert [r["async/lag_max"] for r in rows[1:]] == [0, 1, 1]
+    assert all(r["samples"] == 8 and r["actor/grad_norm"] > 0 for r in rows[1:])
