@@ -2,7 +2,7 @@
 
     python scripts/bench_async.py                  # stories260K + LoRA, 8 prompts x G=8, 64 new tokens, CPU
     python scripts/bench_async.py --quick          # smoke run: tiny batch, few steps
-    python scripts/bench_async.py --device cuda    # the GPU version (scripts/gpu_check.sh runs it)
+    python scripts/bench_async.py --device cuda --gpus-per-worker 0.5 --rollout vllm   # GPU (gpu_check.sh)
 
 Prints one JSON object: {"sync": {...}, "async": {...}, "speedup": sync seconds per step / async,
 "reward_delta": async held-out reward - sync, "settings": {...}, "machine": {...}}.
@@ -56,7 +56,9 @@ def overrides(args, output_dir: str, mode: str, address: str) -> list[str]:
         f"trainer.eval_every={steps}", f"trainer.save_every={steps + 1}", "trainer.progress=false",
         "cluster.placement=split", f"cluster.num_cpus_per_worker={cpus}", f"cluster.address={address}",
         f"rollout.mode={mode}", f"rollout.max_staleness={args.max_staleness}", f"seed={args.seed}",
-        f"output_dir={output_dir}",
+        f"output_dir={output_dir}", f"rollout={args.rollout}",
+        *([f"cluster.num_gpus_per_worker={args.gpus_per_worker}"] if args.gpus_per_worker is not None else []),
+        *([f"rollout.gpu_memory_utilization={args.gpu_memory_utilization}"] if args.rollout == "vllm" else []),
     ]
 
 
@@ -116,6 +118,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=os.path.join(shared_data_dir(), "models", "stories260K"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rollout", default="hf", choices=("hf", "vllm"), help="the rollout engine (configs/rollout)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="cluster.num_gpus_per_worker (one GPU for the actor and the rollout worker: 0.5)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.25,
+                   help="each vLLM engine's share of its GPU (async: the actor's evaluation engine and the rollout one)")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
