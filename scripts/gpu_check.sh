@@ -10,8 +10,9 @@
 #    RL worker with rollout.backend=vllm whose sync keeps vLLM on the trained actor.
 # 3. The last line of stdout is the JSON summary; exit 0 when every check passed.
 # 4. Before that, scripts/bench_async.py on the GPU (sync against async GRPO, one GPU shared by
-#    the trainer and the rollout worker, HF rollouts: vLLM refuses stories260K's head_dim 8): its JSON goes to $BENCH_ASYNC_OUT
-#    (default bench_async_gpu.json); a failure is reported on stderr and does not stop the check.
+#    the trainer and the rollout worker; HF rollouts, since vLLM's attention backends may refuse
+#    stories260K's head_dim 8): its JSON goes to $BENCH_ASYNC_OUT (default bench_async_gpu.json);
+#    a failure is reported on stderr and does not stop the check.
 #    SKIP_BENCH_ASYNC=1 skips it.
 #
 # The installation needs PyPI. Offline, pre-build the environment (or set PYTHON) and rerun.
