@@ -246,7 +246,11 @@ class RolloutConfig:
     (align/trainers/rl.py `RLRun.rollout`). max_staleness: with `async`, how many policy versions
     a trained sample may lag the policy it is trained on; that many batches beyond the current one
     are in flight, and older samples are dropped and counted (0: generation waits for every
-    update, the sync loop on the rollout group).
+    update, the sync loop on the rollout group). partial_rollouts: with `async` and the HF engine,
+    a weight update that arrives while a batch is being generated is loaded between two decode
+    steps, and the rest of the batch is generated under the new weights (the KV cache of the
+    tokens before stays as it was computed); each token records its version
+    (`Experience.token_versions`) and a row counts as old as its first token.
     """
 
     backend: str = "hf"
@@ -262,11 +266,15 @@ class RolloutConfig:
     fast_decode: bool = True
     mode: str = "sync"
     max_staleness: int = 1
+    partial_rollouts: bool = False
 
     def __post_init__(self):
         _one_of("rollout.backend", self.backend, ("hf", "vllm"))
         _one_of("rollout.mode", self.mode, ("sync", "async"))
         _positive("rollout.max_staleness", self.max_staleness, allow_zero=True)
+        if self.partial_rollouts and (self.mode != "async" or self.backend != "hf"):
+            raise ConfigError(f"rollout.partial_rollouts: weights loaded between decode steps need rollout.mode=async "
+                              f"and rollout.backend=hf, got mode={self.mode}, backend={self.backend}")
         _positive("rollout.temperature", self.temperature, allow_zero=True)
         _positive("rollout.max_new_tokens", self.max_new_tokens)
 
@@ -781,6 +789,9 @@ class RunConfig:
                                   f"cluster.placement=split (a dedicated rollout group of "
                                   f"cluster.num_rollout_replicas workers), got cluster.placement="
                                   f"{self.cluster.placement}")
+            if self.rollout.partial_rollouts and self.env.name:
+                raise ConfigError("rollout.partial_rollouts: multi-turn episodes (env.name) are generated whole; "
+                                  "set rollout.partial_rollouts=false")
         if self.env.name and name not in ("grpo", "ppo"):
             raise ConfigError(f"env.name={self.env.name}: multi-turn environments are for the RL stages (algo=grpo, "
                               f"algo=ppo), got algo={name}")

@@ -57,6 +57,7 @@ def overrides(args, output_dir: str, mode: str, address: str) -> list[str]:
         "cluster.placement=split", f"cluster.num_cpus_per_worker={cpus}", f"cluster.address={address}",
         f"rollout.mode={mode}", f"rollout.max_staleness={args.max_staleness}", f"seed={args.seed}",
         f"output_dir={output_dir}", f"rollout={args.rollout}",
+        *(["rollout.partial_rollouts=true"] if args.partial_rollouts and mode == "async" else []),
         *([f"cluster.num_gpus_per_worker={args.gpus_per_worker}"] if args.gpus_per_worker is not None else []),
         *([f"rollout.gpu_memory_utilization={args.gpu_memory_utilization}"] if args.rollout == "vllm" else []),
     ]
@@ -91,6 +92,8 @@ def run_one(args, mode: str, address: str, root: str) -> dict:
     if mode == "async":
         out_fig["lag_mean"] = statistics.mean(r["async/lag_mean"] for r in rows)
         out_fig["dropped"] = sum(r["async/dropped"] for r in rows)
+        if args.partial_rollouts:
+            out_fig["partial_frac_mean"] = statistics.mean(r["async/partial_frac"] for r in rows)
         out_fig["mismatch_abs_logp_diff_last"] = last.get("actor/mismatch/abs_logp_diff")
     return out_fig
 
@@ -130,6 +133,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-staleness", type=int, default=1)
+    p.add_argument("--partial-rollouts", action="store_true", help="async run with rollout.partial_rollouts=true")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--sync-cpus-per-worker", type=float, default=None)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the in-process Ray cluster (default: all)")

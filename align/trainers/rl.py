@@ -234,13 +234,18 @@ class RLRun:
             s = step + len(self.in_flight)
             data_state = self.order.state_dict()
             items = self.next_prompts()
-            refs = self.launch_generate(self.placement.rollout, items, n, seed=self.cfg.seed * 100_003 + s)
+            # partial rollouts: updates overtake queued generations, so each waits for the version it was queued at
+            wait = {"min_version": self.version} if self.cfg.rollout.partial_rollouts else {}
+            refs = self.launch_generate(self.placement.rollout, items, n, seed=self.cfg.seed * 100_003 + s, **wait)
             self.in_flight.append(InFlight(s, items, refs, self.version, data_state))
         head = self.in_flight.popleft()
         assert head.step == step, (head.step, step)
         batch = Experience.concat(self.placement.rollout.get(head.refs, "generate"))
         self.check_published()
         batch, stats = drop_stale(batch, self.version, k)
+        if batch.token_versions is not None and len(batch):  # partial rollouts: rows spanning a weight update
+            last = batch.token_versions.masked_fill(~batch.response_mask, -1).max(1).values  # (B,)
+            stats["async/partial_frac"] = float((last > batch.policy_version).float().mean())
         self.dropped_total += int(stats["async/dropped"])
         return head.items, batch, {**stats, "async/dropped_total": float(self.dropped_total),
                                    "async/in_flight": float(len(self.in_flight))}
@@ -258,9 +263,10 @@ class RLRun:
             self.launch_generate(self.placement.actor, items, n, seed, temperature), "generate"))
 
     def launch_generate(self, group, items: Sequence[dict], n: int, seed: int,
-                        temperature: float | None = None) -> list:
+                        temperature: float | None = None, **kwargs) -> list:
         """Start `generate` (or `generate_episodes`) on `group`'s replicas, the prompts split
-        across them; returns their ObjectRefs, one Experience shard each."""
+        across them; returns their ObjectRefs, one Experience shard each. `kwargs` go to
+        `generate`."""
         from rollout.base import SamplingParams
 
         r = self.cfg.rollout
@@ -280,7 +286,7 @@ class RLRun:
              SamplingParams(**params, seed=(seed * 1_000_003 + rank) % 2**31))
             for rank, (a, b) in enumerate(bounds)
         ]
-        return group.map_async("generate", per_rank)
+        return group.map_async("generate", per_rank, **kwargs)
 
     def rule_and_model_scores(self, batch: Experience, items: Sequence[dict]) -> tuple[Experience, dict[str, float]]:
         """Sequence scores: the rule reward on the driver plus the reward model's weighted score."""
@@ -348,7 +354,11 @@ class RLRun:
         running, so the engine stops only to load them. The weights go from the actor's worker
         to the rollout workers through Ray's object store, not through the driver."""
         weights = self.placement.actor.call_async("actor_weights")[0]  # rank 0's; the others gather with it
-        self.publishing += self.placement.rollout.call_async("set_actor_weights", weights, self.version)
+        if self.cfg.rollout.partial_rollouts:  # beside the generation running: loaded at its next decode step
+            self.publishing += [a.set_actor_weights.options(concurrency_group="weights").remote(weights, self.version)
+                                for a in self.placement.rollout.actors]
+        else:
+            self.publishing += self.placement.rollout.call_async("set_actor_weights", weights, self.version)
 
     def check_published(self) -> None:
         """Raise the error of any weight update a rollout worker has finished and failed."""

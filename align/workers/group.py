@@ -61,18 +61,22 @@ class WorkerGroup:
     Each actor reserves `num_cpus` CPUs and `num_gpus` GPUs and is named `<run>/<name>-<rank>`
     (visible in `ray list actors`). `worker_cls`: `ModelWorker`, or `ScorerWorker` for a reward
     model with a base of its own. distributed: join the replicas in a process group (False: they
-    work independently, as rollout workers do).
+    work independently, as rollout workers do). concurrency_groups: Ray concurrency groups of
+    the actors (methods called with `.options(concurrency_group=...)` run in their own threads).
     """
 
     def __init__(self, name: str, spec: WorkerSpec, *, num_replicas: int = 1, num_cpus: float = 1.0,
                  num_gpus: float = 0.0, run_id: str = "align", start_timeout_s: float = 300.0,
-                 worker_cls: type = ModelWorker, distributed: bool = True):
+                 worker_cls: type = ModelWorker, distributed: bool = True,
+                 concurrency_groups: dict[str, int] | None = None):
         import ray
 
         self.name = name
         self.size = num_replicas
         threads = max(1, int(num_cpus))
-        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0)(worker_cls)
+        extra = {"concurrency_groups": concurrency_groups} if concurrency_groups else {}
+        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0,
+                               **extra)(worker_cls)
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         self.actors = [
             actor_cls.options(name=f"{run_id}/{name}-{rank}", runtime_env={"env_vars": env}).remote(
@@ -272,5 +276,8 @@ def build_placement(spec: WorkerSpec, roles: Sequence[str], cluster, run_id: str
     if spec.rollout.mode == "async":
         # generation only: the actor (its optimizer state is never touched), no reward model, no process group
         kw["num_replicas"] = cluster.num_rollout_replicas
-        rollout = WorkerGroup("rollout", replace(role_spec("actor"), roles=("actor",)), distributed=False, **kw)
+        # partial rollouts: weight updates run in a thread of their own, beside the generation
+        groups_kw = {"concurrency_groups": {"weights": 1}} if spec.rollout.partial_rollouts else {}
+        rollout = WorkerGroup("rollout", replace(role_spec("actor"), roles=("actor",)), distributed=False,
+                              **kw, **groups_kw)
     return Placement(groups, rollout)

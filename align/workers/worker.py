@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -146,6 +147,12 @@ class ModelWorker:
         # The policy version the engine generates with, when weights are published to it (a
         # rollout-group worker under rollout.mode=async); None: the engine follows this worker's actor.
         self.policy_version: int | None = None
+        # rollout.partial_rollouts: set_actor_weights runs in its own thread (a Ray concurrency group);
+        # while a generation runs it leaves the weights here and the decode loop loads them between steps.
+        self._weights = threading.Condition()
+        self._generating = False
+        self._pending: tuple[dict, int] | None = None
+        self._token_versions: dict[int, list[int]] = {}
         if "actor" in self.model.roles and spec.rollout.backend == "vllm":
             self.engine = self._vllm_engine()
             self.sync_rollout()  # the actor as it starts (an adapter of zeros reads as the base)
@@ -207,11 +214,15 @@ class ModelWorker:
         self._prepare_training()
 
     # ---- rollout and inference -------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], group_ids: Sequence[int], params) -> Experience:
+    def generate(self, prompts: Sequence[Sequence[int]], group_ids: Sequence[int], params,
+                 min_version: int | None = None) -> Experience:
         """`params.n` samples of each prompt with the actor role (the HF or vLLM engine; a vLLM
-        engine that sleeps between rollouts is woken for the call and put back to sleep)."""
+        engine that sleeps between rollouts is woken for the call and put back to sleep).
+        min_version (partial rollouts): first wait until policy version `min_version` is loaded."""
         if not prompts:
             return _empty_experience()
+        if self.spec.rollout.partial_rollouts and (min_version is not None or self.policy_version is not None):
+            return self._generate_partial(prompts, group_ids, params, min_version)
         if self._sleeps:
             self.engine.wake_up()
         try:
@@ -436,7 +447,56 @@ class ModelWorker:
     def set_actor_weights(self, tensors: dict[str, Tensor], version: int) -> int:
         """Take the trainer's actor (what `actor_weights` returned) as policy `version`: load it
         into this worker's actor and refresh the engine from it (`sync_rollout`). Later rollouts
-        record `version` per sample (`Experience.policy_version`). Returns the bytes received."""
+        record `version` per sample (`Experience.policy_version`). With partial rollouts a
+        generation in progress loads them at its next decode step. Returns the bytes received."""
+        with self._weights:
+            if self._generating:
+                self._pending = (tensors, int(version))
+            else:
+                self._load_actor_weights(tensors, version)
+            self._weights.notify_all()
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def _generate_partial(self, prompts, group_ids, params, min_version: int | None) -> Experience:
+        """`generate` with weight updates loaded between decode steps; each token records the
+        version it was sampled under (`token_versions`), each row its first token's."""
+        with self._weights:
+            if min_version is not None and not self._weights.wait_for(
+                    lambda: self.policy_version is not None and self.policy_version >= min_version, timeout=600):
+                raise TimeoutError(f"{self.name}: policy version {min_version} never arrived "
+                                   f"(holding {self.policy_version})")
+            self._generating, self._token_versions = True, {}
+            start = self.policy_version
+        try:
+            out = self.engine.generate(prompts, params, on_step=self._between_steps)
+        finally:
+            with self._weights:
+                self._generating = False
+                if self._pending is not None:
+                    self._load_actor_weights(*self._pending)
+                    self._pending = None
+        batch = from_rollout(prompts, group_ids, out)
+        versions = torch.zeros_like(batch.response_ids)  # (B, R)
+        first = torch.full((len(batch),), start, dtype=torch.long)
+        for i, sample in enumerate(out.samples):
+            seen = self._token_versions.get(i, [])[: len(sample.token_ids)]
+            if seen:
+                versions[i, : len(seen)] = torch.tensor(seen)
+                first[i] = seen[0]
+        return batch.replace(policy_version=first, token_versions=versions)
+
+    def _between_steps(self, rows: list[int], tokens: list[int]) -> None:
+        """The decode loop's hook: record the version of the tokens just sampled, then load
+        weights published meanwhile, which the next step's forward uses."""
+        for r in rows:
+            self._token_versions.setdefault(r, []).append(self.policy_version)
+        if self._pending is not None:
+            with self._weights:
+                pending, self._pending = self._pending, None
+                if pending is not None:
+                    self._load_actor_weights(*pending)
+
+    def _load_actor_weights(self, tensors: dict[str, Tensor], version: int) -> None:
         from peft import set_peft_model_state_dict
 
         lm = getattr(self.model, "peft", None) or self.model.models["actor"]  # MultiHeadModel | SeparateModels
@@ -452,7 +512,6 @@ class ModelWorker:
                     live[k].copy_(v)
         self.sync_rollout()
         self.policy_version = int(version)
-        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def _tag(self, batch: Experience) -> Experience:
         """Record the policy version that generated each row, when this worker's engine follows

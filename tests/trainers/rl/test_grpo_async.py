@@ -27,6 +27,11 @@ def test_async_on_colocated_workers_is_refused_naming_the_placement():
         compose(["algo=ppo", "rollout.mode=async", "cluster.placement=split"])
     with pytest.raises(ConfigError, match="rollout.max_staleness"):
         compose(["algo=grpo", "rollout.mode=async", "cluster.placement=split", "rollout.max_staleness=-1"])
+    with pytest.raises(ConfigError, match="rollout.partial_rollouts"):
+        compose(["algo=grpo", "rollout.partial_rollouts=true"])  # sync mode
+    with pytest.raises(ConfigError, match="rollout.partial_rollouts"):
+        compose(["algo=grpo", "rollout=vllm", "rollout.mode=async", "cluster.placement=split",
+                 "rollout.partial_rollouts=true"])
     cfg, _ = compose(["algo=grpo", "rollout.mode=async", "cluster.placement=split", "rollout.max_staleness=2"])
     assert (cfg.rollout.mode, cfg.rollout.max_staleness, cfg.cluster.num_rollout_replicas) == ("async", 2, 1)
 
@@ -172,3 +177,66 @@ def test_async_with_data_parallel_trainer_replicas(ray_cluster, tmp_path):
                 f"cluster.address={ray_cluster}")
     assert [r["async/lag_max"] for r in rows[1:]] == [0, 1, 1]
     assert all(r["samples"] == 8 and r["actor/grad_norm"] > 0 for r in rows[1:])
+
+
+def test_partial_rollout_loads_weights_between_decode_steps(stories_path):
+    """rollout.partial_rollouts: weights published while a generation runs (from another thread,
+    as Ray's `weights` concurrency group calls it) are loaded at the next decode step: the rows'
+    tokens record version 0 and then version 1 (non-decreasing, both present), each row counts
+    as version 0 (its first token), and once the call returns the engine holds version 1. A
+    generation asked for version 2 waits until it arrives."""
+    import threading
+    import time
+
+    from align.config import RolloutConfig
+
+    torch.manual_seed(0)
+    trainer = TrainerConfig(lr=0.5, optimizer="sgd", warmup_steps=0, lr_scheduler="constant", max_grad_norm=1.0)
+    spec = WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune="lora"), trainer=trainer,
+                      rollout=RolloutConfig(mode="async", partial_rollouts=True))
+    rollout = ModelWorker(spec, name="rollout-0")
+    weights = rollout.actor_weights()
+    rollout.set_actor_weights(weights, 0)
+    moved = {k: v + 0.05 * torch.randn_like(v) for k, v in weights.items()}  # another policy
+
+    seen_steps = []
+    original = rollout._between_steps
+
+    def slow_step(rows, tokens):  # a decode step long enough for the update to land mid-generation
+        seen_steps.append(len(rows))
+        time.sleep(0.01)
+        original(rows, tokens)
+
+    rollout._between_steps = slow_step
+    params = SamplingParams(n=2, max_new_tokens=40, seed=3)
+    publisher = threading.Thread(target=lambda: (time.sleep(0.1), rollout.set_actor_weights(moved, 1)))
+    publisher.start()
+    batch = rollout.generate([[1, 403, 407]], [0], params)
+    publisher.join()
+    assert rollout.policy_version == 1 and rollout._pending is None
+    real = batch.response_mask
+    versions = batch.token_versions
+    assert batch.policy_version.tolist() == [0, 0]
+    assert set(versions[real].tolist()) == {0, 1}, "the update did not land mid-generation"
+    assert bool((versions[:, 1:] >= versions[:, :-1])[real[:, 1:]].all())
+    # the engine generates with the published weights from then on
+    assert rollout.generate([[1, 403, 407]], [0], params).policy_version.tolist() == [1, 1]
+
+    late = threading.Thread(target=lambda: (time.sleep(0.2), rollout.set_actor_weights(weights, 2)))
+    late.start()
+    t0 = time.perf_counter()
+    out = rollout.generate([[1, 403, 407]], [0], SamplingParams(n=1, max_new_tokens=4, seed=3), min_version=2)
+    late.join()
+    assert time.perf_counter() - t0 >= 0.2 and out.policy_version.tolist() == [2]
+
+
+@pytest.mark.slow
+def test_async_run_with_partial_rollouts(ray_cluster, tmp_path):
+    """The same run with partial rollouts: weight updates go to the rollout workers' `weights`
+    thread, each generation waits for the version it was queued at, so the lag stays within k
+    and the rows of a batch that spans an update are counted (async/partial_frac)."""
+    rows = _run(tmp_path, "partial", "trainer.max_steps=4", "rollout.mode=async", "rollout.max_staleness=1",
+                "rollout.partial_rollouts=true", f"cluster.address={ray_cluster}")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[1]["async/lag_max"] == 0 and all(r["async/lag_max"] <= 1 for r in rows[1:])
+    assert all(r["async/dropped"] == 0 and r["samples"] == 8 and 0 <= r["async/partial_frac"] <= 1 for r in rows[1:])
