@@ -499,7 +499,9 @@ class ModelWorker:
     def _load_actor_weights(self, tensors: dict[str, Tensor], version: int) -> None:
         from peft import set_peft_model_state_dict
 
-        lm = getattr(self.model, "peft", None) or self.model.models["actor"]  # MultiHeadModel | SeparateModels
+        lm = getattr(self.model, "peft", None)  # MultiHeadModel's peft model
+        if lm is None:
+            lm = self.model.models["actor"]  # SeparateModels
         if self.model.is_lora:
             set_peft_model_state_dict(lm, {k: v.to(self.device) for k, v in tensors.items()}, adapter_name="actor")
         else:
