@@ -364,6 +364,8 @@ class RLRun:
         """Raise the error of any weight update a rollout worker has finished and failed."""
         import ray
 
+        if not self.publishing:
+            return
         done, self.publishing = ray.wait(self.publishing, num_returns=len(self.publishing), timeout=0)
         if done:
             self.placement.rollout.get(done, "set_actor_weights")
