@@ -242,6 +242,18 @@ class RolloutConfig:
     fast_decode: the HF engine decodes Llama, Mistral and Qwen2 models with its lean decode step
     (`rollout.fast_decode`: same logits, about 1.5x faster generation on CPU); false runs the
     model's own forward for every token. Other models and LoRA layers always use the forward.
+    mode: `sync` (generate, score, train, sync weights, one after the other) or `async` (RL only,
+    with `cluster.placement=split`): a dedicated rollout group (`cluster.num_rollout_replicas`
+    workers, each an engine over the actor) generates the next batches while the trainer updates
+    on the current one, and takes each update's weights in its queue of calls
+    (align/trainers/rl.py `RLRun.rollout`). max_staleness: with `async`, how many policy versions
+    a trained sample may lag the policy it is trained on; that many batches beyond the current one
+    are in flight, and older samples are dropped and counted (0: generation waits for every
+    update, the sync loop on the rollout group). partial_rollouts: with `async` and the HF engine,
+    a weight update that arrives while a batch is being generated is loaded between two decode
+    steps, and the rest of the batch is generated under the new weights (the KV cache of the
+    tokens before stays as it was computed); each token records its version
+    (`Experience.token_versions`) and a row counts as old as its first token.
     """
 
     backend: str = "hf"
@@ -255,9 +267,17 @@ class RolloutConfig:
     sleep_when_training: bool = True
     merged_copy: bool = True
     fast_decode: bool = True
+    mode: str = "sync"
+    max_staleness: int = 1
+    partial_rollouts: bool = False
 
     def __post_init__(self):
         _one_of("rollout.backend", self.backend, ("hf", "vllm"))
+        _one_of("rollout.mode", self.mode, ("sync", "async"))
+        _positive("rollout.max_staleness", self.max_staleness, allow_zero=True)
+        if self.partial_rollouts and (self.mode != "async" or self.backend != "hf"):
+            raise ConfigError(f"rollout.partial_rollouts: weights loaded between decode steps need rollout.mode=async "
+                              f"and rollout.backend=hf, got mode={self.mode}, backend={self.backend}")
         _positive("rollout.temperature", self.temperature, allow_zero=True)
         _positive("rollout.max_new_tokens", self.max_new_tokens)
 
@@ -318,7 +338,12 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where workers run. `address: local` starts Ray in-process; otherwise a cluster address."""
+    """Where workers run. `address: local` starts Ray in-process; otherwise a cluster address.
+
+    num_rollout_replicas: with `rollout.mode=async`, the workers of the dedicated rollout group
+    (each holds the actor for generation only and takes every weight update; the batch's prompts
+    are split across them).
+    """
 
     address: str = "local"
     placement: str = "colocated"
@@ -331,10 +356,12 @@ class ClusterConfig:
     num_cpus: Optional[int] = None
     include_dashboard: bool = False
     worker_start_timeout_s: float = 300.0
+    num_rollout_replicas: int = 1
 
     def __post_init__(self):
         _one_of("cluster.placement", self.placement, ("colocated", "split"))
         _positive("cluster.num_replicas", self.num_replicas)
+        _positive("cluster.num_rollout_replicas", self.num_rollout_replicas)
         if self.num_gpus_per_worker is not None:
             _positive("cluster.num_gpus_per_worker", self.num_gpus_per_worker, allow_zero=True)
 
@@ -765,6 +792,18 @@ class RunConfig:
                               f"cluster.num_replicas={n}: each replica takes an equal share of every micro-batch")
         if isinstance(self.algo, RLConfig):
             _check_rl_sampling(self.rollout)
+        if self.rollout.mode == "async":
+            if name != "grpo":
+                raise ConfigError(f"rollout.mode=async: asynchronous rollouts are implemented for algo=grpo, got "
+                                  f"algo={name}; use rollout.mode=sync")
+            if self.cluster.placement != "split":
+                raise ConfigError(f"rollout.mode=async needs the rollout engine on workers of its own: set "
+                                  f"cluster.placement=split (a dedicated rollout group of "
+                                  f"cluster.num_rollout_replicas workers), got cluster.placement="
+                                  f"{self.cluster.placement}")
+            if self.rollout.partial_rollouts and self.env.name:
+                raise ConfigError("rollout.partial_rollouts: multi-turn episodes (env.name) are generated whole; "
+                                  "set rollout.partial_rollouts=false")
         if self.env.name and name not in ("grpo", "ppo"):
             raise ConfigError(f"env.name={self.env.name}: multi-turn environments are for the RL stages (algo=grpo, "
                               f"algo=ppo), got algo={name}")

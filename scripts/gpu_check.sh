@@ -12,6 +12,11 @@
 #    and SFT full fine-tuning under trainer.strategy=fsdp2 (FSDP2 over a one-GPU group, bf16
 #    policy) against the unsharded engine.
 # 3. The last line of stdout is the JSON summary; exit 0 when every check passed.
+# 4. Before that, scripts/bench_async.py on the GPU (sync against async GRPO, one GPU shared by
+#    the trainer and the rollout worker; HF rollouts, since vLLM's attention backends may refuse
+#    stories260K's head_dim 8): its JSON goes to $BENCH_ASYNC_OUT (default bench_async_gpu.json);
+#    a failure is reported on stderr and does not stop the check.
+#    SKIP_BENCH_ASYNC=1 skips it.
 #
 # The installation needs PyPI. Offline, pre-build the environment (or set PYTHON) and rerun.
 # Usage: bash scripts/gpu_check.sh [gpu_check.py options: --model PATH --dtype float32 ...]
@@ -44,4 +49,8 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || echo "gpu_check: no nvidia-smi" >&2
 "$PY" -c "import torch, vllm; print(f'gpu_check: vllm {vllm.__version__}, torch {torch.__version__}, cuda {torch.cuda.is_available()}')" >&2
+if [[ "${SKIP_BENCH_ASYNC:-0}" != "1" ]]; then
+    "$PY" scripts/bench_async.py --device cuda --gpus-per-worker 0.5 --max-new-tokens 256 \
+        > "${BENCH_ASYNC_OUT:-bench_async_gpu.json}" || echo "gpu_check: bench_async.py failed (exit $?)" >&2
+fi
 exec "$PY" scripts/gpu_check.py "$@"

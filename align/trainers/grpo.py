@@ -18,6 +18,12 @@ behaviour policy is the rollout engine's: the gap between its log-probs and the 
 logged (actor/mismatch/*) and corrected by truncated or masked importance weights
 (`algo.rollout_correction`, align/core/offpolicy.py). `algo=dr_grpo`, `algo=gspo` and
 `algo=cispo` are presets of this driver (configs/algo/).
+
+Asynchronous RL (`rollout.mode=async`, split placement): a rollout group generates the next
+batches while the trainer updates on this one (veRL's one-step-off-policy trainer, simpler);
+each sample may lag the trained policy by up to `rollout.max_staleness` versions, which the
+rollout correction (pi_old / mu with the engine's log-probs as mu) accounts for, as in
+decoupled PPO (AReaL, Fu et al. 2025, arXiv:2505.24298).
 """
 
 from __future__ import annotations
@@ -51,14 +57,15 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     with run.guard():
         run.initial_eval()
         for step in run.steps():
-            # 1. Sample a batch of prompts.
-            items = run.next_prompts()
-            # 2. Generate G responses per prompt (the actor replicas share the prompts).
+            # 1-2. A batch of prompts and G responses to each: generated now by the actor replicas
+            # (rollout.mode=sync), or taken from the rollout group's queue (async: generated at most
+            # rollout.max_staleness policy versions ago while the previous updates ran).
             with run.phase("generate"):
-                batch = run.generate(items, algo.num_generations, seed=cfg.seed * 100_003 + step)
+                items, batch, rollout_metrics = run.rollout(step, algo.num_generations)
             # 3. Score them: rule rewards on the driver, and/or the reward model's score head.
             with run.phase("reward"):
                 batch, metrics = run.rule_and_model_scores(batch, items)
+            metrics.update(rollout_metrics)
             # 4. Group-relative advantages, broadcast over each response's tokens.
             advantages, adv_stats = estimator(batch.scores, batch.group_ids)
             batch = batch.replace(advantages=advantages[:, None] * batch.response_mask)  # (B, R)
@@ -73,7 +80,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
             # 6. Policy update: ppo_epochs x minibatches, sharded over the replicas.
             with run.phase("update"):
                 stats = run.update_roles(step, batch, {"actor": loss}) if len(batch) else {}
-            # 7. Weight sync to the rollout engine.
+            # 7. Weight sync to the rollout engine (async: published as the next policy version).
             with run.phase("sync"):
                 run.sync()
             # 8. Metrics, evaluation and checkpoint.

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -146,7 +146,8 @@ class RLRun:
             rollout=cfg.rollout, max_model_len=cfg.data.max_prompt_length + self.response_budget,
         )
         self.placement = build_placement(spec, roles, cfg.cluster, run_id=f"{self.algo.name}-{os.getpid()}-{id(self):x}")
-        workers = [info for g in self.placement.unique_groups() for info in g.workers_info]
+        groups = self.placement.unique_groups() + ([self.placement.rollout] if self.placement.rollout else [])
+        workers = [info for g in groups for info in g.workers_info]
         (self.out / "workers.json").write_text(json.dumps(workers, indent=1))
 
         # Resume from the newest complete checkpoint, or start fresh.
@@ -165,6 +166,14 @@ class RLRun:
         self.phase_totals: dict[str, list[float]] = defaultdict(list)
         self.eval_before = self.state.get("eval_before")
         self.eval_after = self.state.get("eval_after")
+        # rollout.mode=async: the policy version is the number of updates published to the rollout
+        # group; batches in flight are regenerated after a resume (their prompts drawn again).
+        self.version = self.start_step
+        self.in_flight: deque[InFlight] = deque()
+        self.dropped_total = int(self.state.get("async_dropped", 0))
+        self.publishing: list = []  # set_actor_weights calls not yet checked
+        if self.placement.rollout is not None:
+            self.publish()
 
     def initial_eval(self) -> float:
         """Held-out reward of the initial policy, logged at step 0 (read back on resume)."""
@@ -205,6 +214,43 @@ class RLRun:
         return [self.prompts.train[i] for i in self.order.next()]
 
     @property
+    def is_async(self) -> bool:
+        return self.cfg.rollout.mode == "async"
+
+    def rollout(self, step: int, n: int) -> tuple[list[dict], Experience, dict[str, float]]:
+        """Step `step`'s prompts and `n` responses to each, and the rollout metrics.
+
+        sync: drawn and generated now, by the actor's engine. async: taken from the rollout group's
+        queue. First the queue is topped up to `rollout.max_staleness` batches beyond this one
+        (each launched on the rollout group with the weights it holds at that point of its call
+        queue), then this step's batch is awaited; its rows generated more than `max_staleness`
+        versions before the current policy are dropped and counted (`async/dropped`)."""
+        seed = self.cfg.seed * 100_003 + step
+        if not self.is_async:
+            items = self.next_prompts()
+            return items, self.generate(items, n, seed=seed), {}
+        k = self.cfg.rollout.max_staleness
+        while len(self.in_flight) <= k and step + len(self.in_flight) <= self.tcfg.max_steps:
+            s = step + len(self.in_flight)
+            data_state = self.order.state_dict()
+            items = self.next_prompts()
+            # partial rollouts: updates overtake queued generations, so each waits for the version it was queued at
+            wait = {"min_version": self.version} if self.cfg.rollout.partial_rollouts else {}
+            refs = self.launch_generate(self.placement.rollout, items, n, seed=self.cfg.seed * 100_003 + s, **wait)
+            self.in_flight.append(InFlight(s, items, refs, self.version, data_state))
+        head = self.in_flight.popleft()
+        assert head.step == step, (head.step, step)
+        batch = Experience.concat(self.placement.rollout.get(head.refs, "generate"))
+        self.check_published()
+        batch, stats = drop_stale(batch, self.version, k)
+        if batch.token_versions is not None and len(batch):  # partial rollouts: rows spanning a weight update
+            last = batch.token_versions.masked_fill(~batch.response_mask, -1).max(1).values  # (B,)
+            stats["async/partial_frac"] = float((last > batch.policy_version).float().mean())
+        self.dropped_total += int(stats["async/dropped"])
+        return head.items, batch, {**stats, "async/dropped_total": float(self.dropped_total),
+                                   "async/in_flight": float(len(self.in_flight))}
+
+    @property
     def response_budget(self) -> int:
         """Most response-side tokens of a row: one turn's, or a whole episode's with an environment."""
         return self.cfg.env.max_total_tokens if self.cfg.env.name else self.cfg.rollout.max_new_tokens
@@ -213,12 +259,19 @@ class RLRun:
         """`n` samples per prompt; the prompts are split across the actor replicas. Row i*n + j
         is sample j of prompt i, and its group id is i. With an environment each sample is a
         multi-turn episode, run on the replica that holds its prompt (rollout/multiturn.py)."""
+        return Experience.concat(self.placement.actor.get(
+            self.launch_generate(self.placement.actor, items, n, seed, temperature), "generate"))
+
+    def launch_generate(self, group, items: Sequence[dict], n: int, seed: int,
+                        temperature: float | None = None, **kwargs) -> list:
+        """Start `generate` (or `generate_episodes`) on `group`'s replicas, the prompts split
+        across them; returns their ObjectRefs, one Experience shard each. `kwargs` go to
+        `generate`."""
         from rollout.base import SamplingParams
 
         r = self.cfg.rollout
         params = dict(n=n, temperature=r.temperature if temperature is None else temperature, top_p=r.top_p,
                       top_k=r.top_k, max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
-        group = self.placement.actor
         bounds = shard_bounds(len(items), group.size)
         if self.env is not None:
             per_rank = [
@@ -227,13 +280,13 @@ class RLRun:
                  self.cfg.data.max_prompt_length)
                 for rank, (a, b) in enumerate(bounds)
             ]
-            return Experience.concat(group.map("generate_episodes", per_rank))
+            return group.map_async("generate_episodes", per_rank)
         per_rank = [
             ([items[i]["prompt_ids"] for i in range(a, b)], list(range(a, b)),
              SamplingParams(**params, seed=(seed * 1_000_003 + rank) % 2**31))
             for rank, (a, b) in enumerate(bounds)
         ]
-        return Experience.concat(group.map("generate", per_rank))
+        return group.map_async("generate", per_rank, **kwargs)
 
     def rule_and_model_scores(self, batch: Experience, items: Sequence[dict]) -> tuple[Experience, dict[str, float]]:
         """Sequence scores: the rule reward on the driver plus the reward model's weighted score."""
@@ -286,8 +339,36 @@ class RLRun:
     # ---- 7: weight sync ---------------------------------------------------------------------------
     def sync(self) -> int:
         """Refresh the rollout engines from the actor (free with the HF engine over the shared
-        model; timed anyway). Returns the bytes a remote engine would have received."""
-        return self.placement.actor.call("sync_rollout")[0]
+        model; timed anyway). Returns the bytes a remote engine would have received. async: the
+        actor's own engine (evaluation) is refreshed, and the update is published to the rollout
+        group as the next policy version (`publish`)."""
+        copied = self.placement.actor.call("sync_rollout")[0]
+        if self.placement.rollout is not None:
+            self.version += 1
+            self.publish()
+        return copied
+
+    def publish(self) -> None:
+        """Send the actor's weights (adapter or full state dict) to every rollout worker as
+        `self.version`, without waiting: the call queues behind the generation each worker is
+        running, so the engine stops only to load them. The weights go from the actor's worker
+        to the rollout workers through Ray's object store, not through the driver."""
+        weights = self.placement.actor.call_async("actor_weights")[0]  # rank 0's; the others gather with it
+        if self.cfg.rollout.partial_rollouts:  # beside the generation running: loaded at its next decode step
+            self.publishing += [a.set_actor_weights.options(concurrency_group="weights").remote(weights, self.version)
+                                for a in self.placement.rollout.actors]
+        else:
+            self.publishing += self.placement.rollout.call_async("set_actor_weights", weights, self.version)
+
+    def check_published(self) -> None:
+        """Raise the error of any weight update a rollout worker has finished and failed."""
+        import ray
+
+        if not self.publishing:
+            return
+        done, self.publishing = ray.wait(self.publishing, num_returns=len(self.publishing), timeout=0)
+        if done:
+            self.placement.rollout.get(done, "set_actor_weights")
 
     # ---- 8: evaluation, metrics, checkpoints -----------------------------------------------------
     def evaluate(self) -> float:
@@ -358,8 +439,10 @@ class RLRun:
         plain, tensors = rng_state()
         (tmp / RNG_FILE).write_text(json.dumps(plain))
         torch.save(tensors, tmp / TORCH_RNG_FILE)
-        state = {"step": step, "data": self.order.state_dict(), "eval_before": self.eval_before,
-                 "eval_after": self.eval_after, **trainer_state}
+        # async: the data position before the batches still in flight, which a resume draws again
+        data = self.in_flight[0].data_state if self.in_flight else self.order.state_dict()
+        state = {"step": step, "data": data, "eval_before": self.eval_before, "eval_after": self.eval_after,
+                 **({"async_dropped": self.dropped_total} if self.is_async else {}), **trainer_state}
         (tmp / STATE).write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
         if final.exists():
@@ -406,6 +489,36 @@ class RLRun:
         if self._shutdown_ray is not None:
             self._shutdown_ray()
             self._shutdown_ray = None
+
+
+@dataclass
+class InFlight:
+    """A batch launched on the rollout group (rollout.mode=async): its step, prompts, the
+    generate calls' ObjectRefs, the policy version published when it was launched (the rollout
+    workers may hold a newer one by the time they run it) and the data position before its
+    prompts were drawn."""
+
+    step: int
+    items: list[dict]
+    refs: list
+    version: int
+    data_state: dict
+
+
+def drop_stale(batch: Experience, version: int, max_staleness: int) -> tuple[Experience, dict[str, float]]:
+    """Keep the rows generated at most `max_staleness` policy versions before `version` (the
+    policy about to be updated); returns them and async/lag_mean, lag_max (over all rows, before
+    dropping) and async/dropped (rows left out). `batch.policy_version`: (B,) int64."""
+    if batch.policy_version is None:
+        raise ValueError("drop_stale needs Experience.policy_version (rows from a rollout-group worker)")
+    lag = version - batch.policy_version  # (B,)
+    keep = lag <= max_staleness
+    stats = {"async/lag_mean": float(lag.float().mean()) if len(batch) else 0.0,
+             "async/lag_max": float(lag.max()) if len(batch) else 0.0,
+             "async/dropped": float((~keep).sum())}
+    if bool(keep.all()):
+        return batch, stats
+    return batch.select(keep.nonzero().squeeze(-1)), stats
 
 
 def episode_metrics(episodes: Sequence[dict]) -> dict[str, float]:

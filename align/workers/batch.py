@@ -27,7 +27,7 @@ from torch import Tensor
 _PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
 _RESPONSE_FIELDS = (
     "response_ids", "response_mask", "response_attention", "rollout_logp", "old_logp", "ref_logp", "values",
-    "token_rewards", "advantages", "returns",
+    "token_rewards", "advantages", "returns", "token_versions",
 )
 
 
@@ -60,6 +60,11 @@ class Experience:
                    (empty for single-turn rollouts).
     response_text: the decoded responses, one per row.
     finish_reason: "stop" or "length", one per row.
+    policy_version: (B,) int64, the policy version (optimizer iterations published to the engine)
+                   that generated the row; set by a rollout-group worker (rollout.mode=async).
+                   With partial rollouts, the version of its first token (the oldest).
+    token_versions: (B, R) int64, with rollout.partial_rollouts the policy version each response
+                   token was sampled under (non-decreasing along a row; 0 on padding).
     prompts:       each row's prompt as the data gave it (text, or chat messages), for a reward
                    model with a tokenizer of its own (`align.models.scorer`); set by the driver.
     """
@@ -79,6 +84,8 @@ class Experience:
     advantages: Tensor | None = None
     returns: Tensor | None = None
     response_attention: Tensor | None = None
+    policy_version: Tensor | None = None
+    token_versions: Tensor | None = None
     episodes: list = field(default_factory=list)
     response_text: list[str] = field(default_factory=list)
     finish_reason: list[str] = field(default_factory=list)

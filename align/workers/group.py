@@ -61,18 +61,23 @@ class WorkerGroup:
 
     Each actor reserves `num_cpus` CPUs and `num_gpus` GPUs and is named `<run>/<name>-<rank>`
     (visible in `ray list actors`). `worker_cls`: `ModelWorker`, or `ScorerWorker` for a reward
-    model with a base of its own.
+    model with a base of its own. distributed: join the replicas in a process group (False: they
+    work independently, as rollout workers do). concurrency_groups: Ray concurrency groups of
+    the actors (methods called with `.options(concurrency_group=...)` run in their own threads).
     """
 
     def __init__(self, name: str, spec: WorkerSpec, *, num_replicas: int = 1, num_cpus: float = 1.0,
                  num_gpus: float = 0.0, run_id: str = "align", start_timeout_s: float = 300.0,
-                 worker_cls: type = ModelWorker):
+                 worker_cls: type = ModelWorker, distributed: bool = True,
+                 concurrency_groups: dict[str, int] | None = None):
         import ray
 
         self.name = name
         self.size = num_replicas
         threads = max(1, int(num_cpus))
-        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0)(worker_cls)
+        extra = {"concurrency_groups": concurrency_groups} if concurrency_groups else {}
+        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0,
+                               **extra)(worker_cls)
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         self.actors = [
             actor_cls.options(name=f"{run_id}/{name}-{rank}", runtime_env={"env_vars": env}).remote(
@@ -82,7 +87,7 @@ class WorkerGroup:
         ]
         self.workers_info = [{"name": f"{name}-{rank}", "rank": rank} for rank in range(num_replicas)]
         self.workers_info = self._get([a.info.remote() for a in self.actors], "start", timeout=start_timeout_s)
-        if num_replicas > 1:
+        if num_replicas > 1 and distributed:
             addr, port = self._get([self.actors[0].rendezvous_address.remote()], "rendezvous")[0]
             self._get([a.init_distributed.remote(addr, port) for a in self.actors], "init_distributed")
 
@@ -174,10 +179,13 @@ class Placement:
     colocated: one group hosts actor, reference, critic and reward on one shared model, so the
     driver's fused passes (`annotate`) run every role in one forward. split: an actor group
     (actor + reference + rollout), a critic group, a reward group, each with its own workers
-    (and GPUs); their passes run concurrently.
+    (and GPUs); their passes run concurrently. rollout: with `rollout.mode=async`, the dedicated
+    rollout group (engines over copies of the actor that take published weights); not one of
+    `unique_groups` (it holds no state a checkpoint keeps).
     """
 
     groups: dict[str, WorkerGroup]  # role -> group (the same object for every role when colocated)
+    rollout: WorkerGroup | None = None
 
     @property
     def actor(self) -> WorkerGroup:
@@ -219,7 +227,7 @@ class Placement:
         return batch.replace(**fields)
 
     def kill(self) -> None:
-        for g in self.unique_groups():
+        for g in self.unique_groups() + ([self.rollout] if self.rollout is not None else []):
             g.kill()
 
 
@@ -273,4 +281,13 @@ def build_placement(spec: WorkerSpec, roles: Sequence[str], cluster, run_id: str
             return ScorerWorker
         return ModelWorker
 
-    return Placement({role: WorkerGroup(role, role_spec(role), worker_cls=worker_cls(role), **kw) for role in roles})
+    groups = {role: WorkerGroup(role, role_spec(role), worker_cls=worker_cls(role), **kw) for role in roles}
+    rollout = None
+    if spec.rollout.mode == "async":
+        # generation only: the actor (its optimizer state is never touched), no reward model, no process group
+        kw["num_replicas"] = cluster.num_rollout_replicas
+        # partial rollouts: weight updates run in a thread of their own, beside the generation
+        groups_kw = {"concurrency_groups": {"weights": 1}} if spec.rollout.partial_rollouts else {}
+        rollout = WorkerGroup("rollout", replace(role_spec("actor"), roles=("actor",)), distributed=False,
+                              **kw, **groups_kw)
+    return Placement(groups, rollout)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -144,6 +145,15 @@ class ModelWorker:
         # A reward model with a base of its own (reward.model_path a classifier, not a reward role).
         self.scorer = build_scorer(spec)
         self.engine, self.rollout_model = None, None
+        # The policy version the engine generates with, when weights are published to it (a
+        # rollout-group worker under rollout.mode=async); None: the engine follows this worker's actor.
+        self.policy_version: int | None = None
+        # rollout.partial_rollouts: set_actor_weights runs in its own thread (a Ray concurrency group);
+        # while a generation runs it leaves the weights here and the decode loop loads them between steps.
+        self._weights = threading.Condition()
+        self._generating = False
+        self._pending: tuple[dict, int] | None = None
+        self._token_versions: dict[int, list[int]] = {}
         if "actor" in self.model.roles and spec.rollout.backend == "vllm":
             self.engine = self._vllm_engine()
             self.sync_rollout()  # the actor as it starts (an adapter of zeros reads as the base)
@@ -206,15 +216,19 @@ class ModelWorker:
         self._prepare_training()
 
     # ---- rollout and inference -------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], group_ids: Sequence[int], params) -> Experience:
+    def generate(self, prompts: Sequence[Sequence[int]], group_ids: Sequence[int], params,
+                 min_version: int | None = None) -> Experience:
         """`params.n` samples of each prompt with the actor role (the HF or vLLM engine; a vLLM
-        engine that sleeps between rollouts is woken for the call and put back to sleep)."""
+        engine that sleeps between rollouts is woken for the call and put back to sleep).
+        min_version (partial rollouts): first wait until policy version `min_version` is loaded."""
         if not prompts:
             return _empty_experience()
+        if self.spec.rollout.partial_rollouts and (min_version is not None or self.policy_version is not None):
+            return self._generate_partial(prompts, group_ids, params, min_version)
         if self._sleeps:
             self.engine.wake_up()
         try:
-            return from_rollout(prompts, group_ids, self.engine.generate(prompts, params))
+            return self._tag(from_rollout(prompts, group_ids, self.engine.generate(prompts, params)))
         finally:
             if self._sleeps:
                 self.engine.sleep()  # the engine's GPU memory goes back to training until the next rollout
@@ -231,10 +245,10 @@ class ModelWorker:
         if self._sleeps:
             self.engine.wake_up()
         try:
-            return from_episodes(run_episodes(
+            return self._tag(from_episodes(run_episodes(
                 self.engine, self.tokenizer, rows, group_ids, env_name=env.name, env_options=dict(env.options),
                 params=params, max_turns=env.max_turns, max_total_tokens=env.max_total_tokens,
-                max_prompt_length=max_prompt_length))
+                max_prompt_length=max_prompt_length)))
         finally:
             if self._sleeps:
                 self.engine.sleep()
@@ -422,6 +436,93 @@ class ModelWorker:
             self.engine.wake_up()  # it stays awake for the rollout that follows a sync
         self.engine.update_weights(**{"lora" if self.model.is_lora else "state_dict": tensors})
         return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def actor_weights(self) -> dict[str, Tensor] | None:
+        """What a rollout worker needs to generate as this actor (`sync_state_dict`: the LoRA
+        adapter's tensors, or the full state dict), as CPU copies; every replica calls it (sharded
+        weights are gathered), rank 0 returns it, the others None."""
+        with self.train_engine.gathered(self.model):
+            if self.rank != 0:
+                return None
+            return {k: v.detach().cpu().clone() for k, v in self.model.sync_state_dict("actor").items()}
+
+    def set_actor_weights(self, tensors: dict[str, Tensor], version: int) -> int:
+        """Take the trainer's actor (what `actor_weights` returned) as policy `version`: load it
+        into this worker's actor and refresh the engine from it (`sync_rollout`). Later rollouts
+        record `version` per sample (`Experience.policy_version`). With partial rollouts a
+        generation in progress loads them at its next decode step. Returns the bytes received."""
+        with self._weights:
+            if self._generating:
+                self._pending = (tensors, int(version))
+            else:
+                self._load_actor_weights(tensors, version)
+            self._weights.notify_all()
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def _generate_partial(self, prompts, group_ids, params, min_version: int | None) -> Experience:
+        """`generate` with weight updates loaded between decode steps; each token records the
+        version it was sampled under (`token_versions`), each row its first token's."""
+        with self._weights:
+            if min_version is not None and not self._weights.wait_for(
+                    lambda: self.policy_version is not None and self.policy_version >= min_version, timeout=600):
+                raise TimeoutError(f"{self.name}: policy version {min_version} never arrived "
+                                   f"(holding {self.policy_version})")
+            self._generating, self._token_versions = True, {}
+            start = self.policy_version
+        try:
+            out = self.engine.generate(prompts, params, on_step=self._between_steps)
+        finally:
+            with self._weights:
+                self._generating = False
+                if self._pending is not None:
+                    self._load_actor_weights(*self._pending)
+                    self._pending = None
+        batch = from_rollout(prompts, group_ids, out)
+        versions = torch.zeros_like(batch.response_ids)  # (B, R)
+        first = torch.full((len(batch),), start, dtype=torch.long)
+        for i, sample in enumerate(out.samples):
+            seen = self._token_versions.get(i, [])[: len(sample.token_ids)]
+            if seen:
+                versions[i, : len(seen)] = torch.tensor(seen)
+                first[i] = seen[0]
+        return batch.replace(policy_version=first, token_versions=versions)
+
+    def _between_steps(self, rows: list[int], tokens: list[int]) -> None:
+        """The decode loop's hook: record the version of the tokens just sampled, then load
+        weights published meanwhile, which the next step's forward uses."""
+        for r in rows:
+            self._token_versions.setdefault(r, []).append(self.policy_version)
+        if self._pending is not None:
+            with self._weights:
+                pending, self._pending = self._pending, None
+                if pending is not None:
+                    self._load_actor_weights(*pending)
+
+    def _load_actor_weights(self, tensors: dict[str, Tensor], version: int) -> None:
+        from peft import set_peft_model_state_dict
+
+        lm = getattr(self.model, "peft", None)  # MultiHeadModel's peft model
+        if lm is None:
+            lm = self.model.models["actor"]  # SeparateModels
+        if self.model.is_lora:
+            set_peft_model_state_dict(lm, {k: v.to(self.device) for k, v in tensors.items()}, adapter_name="actor")
+        else:
+            with torch.no_grad():
+                live = lm.state_dict()
+                unknown = sorted(set(tensors) - set(live))
+                if unknown:
+                    raise KeyError(f"{self.name}: published weights name parameters the actor lacks: {unknown[:5]}")
+                for k, v in tensors.items():
+                    live[k].copy_(v)
+        self.sync_rollout()
+        self.policy_version = int(version)
+
+    def _tag(self, batch: Experience) -> Experience:
+        """Record the policy version that generated each row, when this worker's engine follows
+        published weights."""
+        if self.policy_version is None:
+            return batch
+        return batch.replace(policy_version=torch.full((len(batch),), self.policy_version, dtype=torch.long))
 
     @property
     def _sleeps(self) -> bool:
