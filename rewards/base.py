@@ -27,16 +27,23 @@ class RewardFn(Protocol):
 REWARDS: dict[str, Callable[..., RewardFn]] = {}
 
 
-def register_reward(name: str):
-    """Decorator: register a reward factory (a class or a function) under `name`."""
+def registrar(table: dict[str, Callable[..., Any]], kind: str) -> Callable[[str], Callable]:
+    """`register(name)` for `table`: a decorator adding a factory (a class or a function) under
+    `name`, refusing a name already taken. Rewards, environments and tools register this way."""
 
-    def decorator(factory):
-        if name in REWARDS:
-            raise ValueError(f"reward {name!r} is already registered (by {REWARDS[name]!r})")
-        REWARDS[name] = factory
-        return factory
+    def register(name: str):
+        def decorator(factory):
+            if name in table:
+                raise ValueError(f"{kind} {name!r} is already registered (by {table[name]!r})")
+            table[name] = factory
+            return factory
 
-    return decorator
+        return decorator
+
+    return register
+
+
+register_reward = registrar(REWARDS, "reward")
 
 
 def get_reward(name: str, **options: Any) -> RewardFn:

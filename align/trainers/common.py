@@ -121,6 +121,18 @@ def prepare_output_dir(output_dir: str, run_cfg, hydra_cfg=None) -> Path:
     return out
 
 
+def save_final(engine, model, tokenizer, path: Path) -> bool:
+    """Rank 0 writes the trained model (or its adapter) with the tokenizer to `path`; every
+    replica enters (sharded weights are gathered). Returns whether this process wrote it."""
+    from align.engine import distributed
+
+    with engine.gathered(model):
+        if distributed.is_main():
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+    return distributed.is_main()
+
+
 def cpu_count_hint() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

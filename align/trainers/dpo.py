@@ -51,6 +51,7 @@ from align.trainers.common import (
     build_scheduler,
     prepare_output_dir,
     replica_micro_batches,
+    save_final,
     seed_everything,
     set_threads,
 )
@@ -595,12 +596,8 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     log.close()
 
     # 7. Save the final model (or adapter) with its tokenizer, and the summary (rank 0).
-    with engine.gathered(model):
-        if distributed.is_main():
-            model.save_pretrained(out / "final")
-            tokenizer.save_pretrained(out / "final")
-    if not distributed.is_main():
-        return {}
+    if not save_final(engine, model, tokenizer, out / "final"):
+        return {}  # the other replicas: rank 0 writes the summary
     summary = {"algo": "dpo", "loss": algo.loss, "steps": tcfg.max_steps, "val_before": val_before,
                "val_after": val_after, "train_items": len(data.train), "val_items": len(val_items),
                "reference": ref_note, "reference_items": sum("ref" in x for x in data.train + val_items),

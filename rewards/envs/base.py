@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Union, runtime_checkable
 
+from rewards.base import registrar
+
 # An observation is text (rendered as a user turn) or chat messages ({"role": "tool" | "user", "content": ...}).
 Observation = Union[str, list[dict[str, Any]]]
 
@@ -63,16 +65,7 @@ class Environment(Protocol):
 ENVS: dict[str, Callable[..., Environment]] = {}
 
 
-def register_env(name: str):
-    """Decorator: register an environment factory (a class or a function) under `name`."""
-
-    def decorator(factory):
-        if name in ENVS:
-            raise ValueError(f"environment {name!r} is already registered (by {ENVS[name]!r})")
-        ENVS[name] = factory
-        return factory
-
-    return decorator
+register_env = registrar(ENVS, "environment")  # decorator: an environment factory under a name
 
 
 def env_factory(name: str) -> Callable[..., Environment]:

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from rewards.base import registrar
 from rewards.envs.base import EnvError, Step, register_env
 
 
@@ -97,14 +98,7 @@ def parse_hermes(text: str) -> tuple[list[ToolCall], list[str]]:
 TOOLS: dict[str, Callable[..., Any]] = {}
 
 
-def register_tool(name: str):
-    def decorator(factory):
-        if name in TOOLS:
-            raise ValueError(f"tool {name!r} is already registered")
-        TOOLS[name] = factory
-        return factory
-
-    return decorator
+register_tool = registrar(TOOLS, "tool")  # decorator: a tool factory under a name
 
 
 def as_tool(fn: Callable[..., Any]) -> Callable[..., Any]:
