@@ -142,6 +142,14 @@ def _fsdp2_rank(rank: int, args, port: int, out_dir: str) -> None:
     engine.prepare(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    for group in optimizer.param_groups:  # as child_train: AdamW's states allocated by a step at lr 0
+        group["lr"] = 0.0
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-5
     whole = _sft_batch(args, model.config.vocab_size)
     rows = slice(rank * args.batch // 2, (rank + 1) * args.batch // 2)
     batch = SFTBatch(whole.input_ids[rows], whole.attention_mask[rows], whole.labels[rows])
