@@ -49,7 +49,7 @@ CONFIGS = {
     "dpo_lora": DPO + ["model.finetune=lora"],
     "rm_full": ["algo=rm", "data.limit=240", "trainer.eval_batches=1"],
     "grpo_lora_1rank": GRPO,
-    "grpo_lora_2ranks": GRPO + ["cluster.num_replicas=2"],
+    "grpo_lora_2ranks": GRPO + ["cluster.num_replicas=2", "trainer.strategy=ddp"],
     "grpo_full_1rank": GRPO + ["model.finetune=full"],
 }
 
