@@ -105,6 +105,22 @@ def _sft_batch(args, vocab: int):
     return SFTBatch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
 
 
+def allocate_optimizer_state(optimizer, trainable) -> None:
+    """Allocate AdamW's moments now (one step at lr 0 on zero gradients), so that what the process
+    holds between steps is weights + optimizer state before the first measured step."""
+    import torch
+
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
 def state_bytes(model, optimizer) -> int:
     """Bytes of the parameters, gradients and optimizer states this process holds (a shard's
     local part when sharded)."""
@@ -142,14 +158,7 @@ def _fsdp2_rank(rank: int, args, port: int, out_dir: str) -> None:
     engine.prepare(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-    for group in optimizer.param_groups:  # as child_train: AdamW's states allocated by a step at lr 0
-        group["lr"] = 0.0
-    for p in trainable:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-5
+    allocate_optimizer_state(optimizer, trainable)  # as child_train, so the two runs' steps compare
     whole = _sft_batch(args, model.config.vocab_size)
     rows = slice(rank * args.batch // 2, (rank + 1) * args.batch // 2)
     batch = SFTBatch(whole.input_ids[rows], whole.attention_mask[rows], whole.labels[rows])
@@ -206,14 +215,7 @@ def child_train(args) -> dict:
     engine.prepare(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-    for group in optimizer.param_groups:  # allocate AdamW's moments now: held = weights + optimizer state
-        group["lr"] = 0.0
-    for p in trainable:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-5
+    allocate_optimizer_state(optimizer, trainable)  # held = weights + optimizer state
     batch = _sft_batch(args, model.config.vocab_size)
     held = _status("VmRSS")
     _reset_peak()

@@ -17,10 +17,11 @@ import argparse
 import json
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from rewards.envs.base import EnvError, Step, check_step, env_factory, register_env
+from rewards.remote.server import JSONHandler
 
 
 @register_env("remote")
@@ -52,7 +53,7 @@ class RemoteEnv:
         return Step(reply["observation"], float(reply["reward"]), bool(reply["done"]), dict(reply.get("info") or {}))
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     server: "EnvHTTPServer"
 
     def do_POST(self):
@@ -69,14 +70,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(400, {"error": f"bad request: {type(err).__name__}: {err}"})
         except Exception as err:  # the environment crashed: 5xx, retried by the client
             self._reply(500, {"error": f"the environment failed: {type(err).__name__}: {err}"})
-
-    def _reply(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def log_message(self, format, *args):
         pass

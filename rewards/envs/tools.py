@@ -40,14 +40,7 @@ class ToolCall:
 PARSERS: dict[str, Callable[[str], tuple[list[ToolCall], list[str]]]] = {}
 
 
-def register_parser(name: str):
-    def decorator(fn):
-        if name in PARSERS:
-            raise ValueError(f"tool-call parser {name!r} is already registered")
-        PARSERS[name] = fn
-        return fn
-
-    return decorator
+register_parser = registrar(PARSERS, "tool-call parser")  # decorator: a parser of generated text under a name
 
 
 def get_parser(name: str) -> Callable[[str], tuple[list[ToolCall], list[str]]]:

@@ -62,7 +62,19 @@ def parse_score_request(body: bytes) -> tuple[list[str], list[str], dict[str, An
     return fields["prompts"], fields["responses"], metadata
 
 
-class ScoreHandler(BaseHTTPRequestHandler):
+class JSONHandler(BaseHTTPRequestHandler):
+    """A request handler that answers in JSON (the reward and the environment servers)."""
+
+    def _reply(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class ScoreHandler(JSONHandler):
     server: "RewardHTTPServer"
 
     def do_GET(self):
@@ -98,14 +110,6 @@ class ScoreHandler(BaseHTTPRequestHandler):
             self._reply(500, {"error": f"the reward failed: {type(e).__name__}: {e}"})
         else:
             self._reply(200, {"scores": [s if math.isfinite(s) else None for s in scores]})
-
-    def _reply(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def log_message(self, format, *args):
         if self.server.verbose:
