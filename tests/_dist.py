@@ -37,8 +37,3 @@ def run_replicas(overrides: list[str], world: int = 2) -> None:
     sys.stdout.flush()
     mp.start_processes(_replica, args=(world, port, list(overrides), env), nprocs=world, start_method="spawn")
 
-
-def trainable_tensors(path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))

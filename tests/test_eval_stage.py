@@ -138,3 +138,15 @@ def test_pairs_refuse_a_causal_lm_as_reward_model(tmp_path):
     cfg, raw = compose(["algo=eval", "data=hh_pairs", "data.limit=4", f"output_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"algo.model .*LlamaForCausalLM"):
         run(cfg, raw)
+
+
+def test_a_sharded_rl_checkpoint_points_to_the_exported_model(tmp_path):
+    # N replicas write their shards only (DCP): eval says where the whole model is instead of
+    # loading the checkpoint folder as a model.
+    from align.evaluation.policy import resolve_policy
+
+    step = tmp_path / "checkpoints" / "step_2"
+    (step / "workers" / "model" / "sharded").mkdir(parents=True)
+    (step / "trainer_state.json").write_text('{"step": 2}')
+    with pytest.raises(FileNotFoundError, match="written sharded.*final/"):
+        resolve_policy(str(tmp_path), "base")

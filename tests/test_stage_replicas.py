@@ -16,8 +16,9 @@ import torch
 
 from align.config import compose
 from align.trainers import run
+from align.trainers.checkpoint import read_trainable
 from align.trainers.metrics import read_metrics
-from tests._dist import run_replicas, trainable_tensors
+from tests._dist import run_replicas
 
 COMMON = [
     "data.limit=48", "data.val_size=8", "data.max_length=96", "data.max_prompt_length=64",
@@ -50,7 +51,7 @@ def _single(out: Path, overrides: list[str]) -> None:
 
 
 def _weights(out: Path, step: int) -> dict:
-    return trainable_tensors(out / "checkpoints" / f"step_{step}" / "trainable.safetensors")
+    return read_trainable(out / "checkpoints" / f"step_{step}")  # whole, from either format
 
 
 def _assert_same_run(a: Path, b: Path, step: int, tol: float = 1e-5, weight_tol: float = 1e-5) -> None:
@@ -108,21 +109,32 @@ def test_fsdp2_bf16_mixed_tracks_fp32(tmp_path, one_thread):
     assert all(t.dtype == torch.float32 for t in weights.values())  # fp32 master weights saved
 
 
-def test_fsdp2_checkpoint_resumes_on_one_replica(tmp_path, one_thread):
-    # 2 fsdp2 replicas train steps 1-2 and checkpoint (sharded weights and optimizer state gathered
-    # by name); one process resumes them to step 4: the same as one process all along.
-    overrides = ["algo=sft", "model=stories260k_lora", "trainer.max_steps=4", "trainer.save_every=2",
-                 "trainer.eval_every=2", "trainer.optimizer=adamw", "trainer.lr=1e-2",
+def test_fsdp2_checkpoint_is_sharded_and_resumes_on_one_or_two_replicas(tmp_path, one_thread):
+    # 2 fsdp2 replicas train steps 1-2 and checkpoint with DCP: each writes its own shards, no
+    # process gathers the whole weights or optimizer. Resumed by one process (no process group)
+    # and by 2 replicas to step 4: both the same as one process all along.
+    import shutil
+
+    overrides = ["algo=sft", "model.finetune=full", "trainer.max_steps=4", "trainer.save_every=2",
+                 "trainer.eval_every=2", "trainer.optimizer=adamw", "trainer.lr=1e-3",
                  "trainer.lr_scheduler=constant"]  # the first run stops at 2 of 4 steps: no schedule to differ
     _single(tmp_path / "one", overrides)
     two = tmp_path / "two"
     run_replicas([*COMMON, *overrides, "trainer.max_steps=2", "trainer.strategy=fsdp2", "cluster.num_replicas=2",
                   f"output_dir={two}"])
-    assert json.loads((two / "checkpoints" / "step_2" / "trainer_state.json").read_text())["step"] == 2
-    _single(two, overrides)  # resume=auto: continues from step 2, unsharded
-    # Losses to 1e-5. Weights to 1e-3: AdamW divides by sqrt(v), so a LoRA A matrix's near-zero first
-    # gradients (B starts at 0) turn fp32 summation-order noise into steps of up to lr (2e-4 seen).
-    _assert_same_run(tmp_path / "one", two, step=4, weight_tol=1e-3)
+    step2 = two / "checkpoints" / "step_2"
+    assert json.loads((step2 / "trainer_state.json").read_text())["step"] == 2
+    shards = sorted(f.name for f in (step2 / "sharded").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"] and not (step2 / "trainable.safetensors").exists()
+    whole = sum(t.numel() * t.element_size() for t in read_trainable(step2).values())
+    for f in (step2 / "sharded").glob("*.distcp"):  # weights + AdamW's 2 moments, about half each
+        assert 0.35 * 3 * whole < f.stat().st_size < 0.65 * 3 * whole, f.name
+    again = tmp_path / "two_again"
+    shutil.copytree(two, again)
+    _single(two, overrides)  # resume=auto: continues from step 2, one process, unsharded
+    run_replicas([*COMMON, *overrides, "trainer.strategy=fsdp2", "cluster.num_replicas=2", f"output_dir={again}"])
+    for resumed in (two, again):
+        _assert_same_run(tmp_path / "one", resumed, step=4, weight_tol=1e-5)
     # the optimizer state came through the sharded checkpoint: AdamW's moments and step counts
     ours, theirs = (torch.load(d / "checkpoints" / "step_4" / "optimizer.pt", weights_only=True)["policy"]["state"]
                     for d in (two, tmp_path / "one"))

@@ -90,6 +90,9 @@ def resolve_policy(path: str, base: str) -> tuple[str, Optional[str]]:
     actors = sorted(p.glob("workers/*/actor"))
     if actors:
         p = actors[0]
+    elif sorted(p.glob("workers/*/sharded")):
+        raise FileNotFoundError(f"algo.model {path}: {p} was written sharded by data-parallel replicas (DCP), which "
+                                "holds no whole actor; evaluate the run's final/ folder (its exported model)")
     if (p / ADAPTER_CONFIG).is_file():
         named = json.loads((p / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         return (named if named and os.path.isdir(named) else base), str(p)

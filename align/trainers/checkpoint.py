@@ -6,18 +6,31 @@ position) as JSON. It is written into a temporary folder first and renamed into 
 SIGKILL mid-write leaves the previous checkpoints whole; `latest` names the newest complete one.
 No pickle: tensors go through safetensors or `torch.load(weights_only=True)`, the rest is JSON.
 
-Data-parallel replicas (align/engine): every replica calls `save` and `load` (under fsdp2 the
-weights and optimizer state are gathered from, and scattered back to, their shards: collectives),
-rank 0 alone writes. Weights and optimizer states are saved whole and keyed by parameter name, so
-a checkpoint resumes under any strategy and any number of replicas.
+Data-parallel replicas (align/engine): every replica calls `save` and `load` (collectives).
+With more than one replica the trainable weights and the optimizer states are written sharded,
+with PyTorch Distributed Checkpoint (DCP, as torchtitan and veRL do): each replica writes the
+shards it holds into `sharded/` (one `__<rank>_0.distcp` file each, beside DCP's `.metadata`
+index), so no process ever gathers the whole model or optimizer. The keys are
+`model/<parameter name>` and `optimizer/<optimizer>/<parameter name>/<state>` (param groups in
+`optimizer_groups.json`), so DCP reshards on load: a checkpoint written by N replicas resumes
+under any strategy and any number of replicas, one process without a process group included
+(`load_sharded`); `read_trainable` reads either format's weights whole. Rank 0 writes the rest
+(scheduler, RNG, trainer state). The output folder must be one filesystem every replica sees (a
+shared mount across nodes). DCP's `.metadata` is a pickle: it is read by a restricted unpickler
+that admits DCP's metadata classes and nothing else (`_MetadataUnpickler`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import os
+import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +44,9 @@ SCHEDULER = "scheduler.pt"
 RNG = "rng.json"
 TORCH_RNG = "torch_rng.pt"
 STATE = "trainer_state.json"
+SHARDED = "sharded"  # DCP: trainable weights and optimizer states, a file per replica
+GROUPS = "optimizer_groups.json"
+EXTRA = "extra.safetensors"
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -122,6 +138,152 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
         load_full_tensor(p, state[name])
 
 
+# ---- the sharded format (DCP) ---------------------------------------------------------------------
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_sharded(path: str | os.PathLike, model: torch.nn.Module,
+                 optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Write `model`'s trainable weights and the optimizers' states under `path/sharded` with DCP,
+    each replica its own shards (a collective: every replica calls it; a process without a group
+    writes alone). Rank 0 writes the optimizers' param groups as JSON."""
+    import torch.distributed.checkpoint as dcp
+
+    from align.engine import distributed
+
+    params = _trainable(model)
+    names = {id(p): n for n, p in params.items()}
+    state: dict[str, torch.Tensor] = {f"model/{n}": p.detach() for n, p in params.items()}
+    groups: dict[str, list] = {}
+    for key, opt in optimizers.items():
+        for p, entries in opt.state.items():
+            for k, v in entries.items():
+                if isinstance(v, torch.Tensor):
+                    state[f"optimizer/{key}/{names[id(p)]}/{k}"] = v
+        groups[key] = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+                       for g in opt.param_groups]
+    with _alone_quietly():
+        dcp.save(state, checkpoint_id=str(Path(path) / SHARDED), no_dist=not distributed.initialized())
+    if distributed.is_main():
+        (Path(path) / GROUPS).write_text(json.dumps(groups, indent=1))
+
+
+def load_sharded(path: str | os.PathLike, model: torch.nn.Module,
+                 optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Restore what `save_sharded` wrote into `model` and `optimizers`, as they are distributed now
+    (any number of replicas, sharded or whole: DCP reads each replica's part of every tensor). A
+    collective under replicas; one process without a group reads alone."""
+    import torch.distributed.checkpoint as dcp
+
+    from align.engine import distributed
+
+    folder = Path(path) / SHARDED
+    saved = _safe_reader(str(folder)).read_metadata().state_dict_metadata
+    params = _trainable(model)
+    missing = sorted(n for n in params if f"model/{n}" not in saved)
+    unexpected = sorted(k[len("model/"):] for k in saved if k.startswith("model/") and k[len("model/"):] not in params)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    targets: dict[str, torch.Tensor] = {f"model/{n}": p.detach() for n, p in params.items()}
+    states: list[tuple[torch.optim.Optimizer, torch.Tensor, str, str]] = []
+    names = {id(p): n for n, p in params.items()}
+    for key, opt in optimizers.items():
+        prefix = f"optimizer/{key}/"
+        for p in (p for g in opt.param_groups for p in g["params"]):
+            name = names[id(p)]
+            for k, meta in ((k[len(prefix) + len(name) + 1:], m) for k, m in saved.items()
+                            if k.startswith(f"{prefix}{name}/")):
+                targets[f"{prefix}{name}/{k}"] = _empty_like_saved(p, meta)
+                states.append((opt, p, k, f"{prefix}{name}/{k}"))
+    with _alone_quietly():
+        dcp.load(targets, checkpoint_id=str(folder), storage_reader=_safe_reader(str(folder)),
+                 no_dist=not distributed.initialized())
+    for opt, p, k, key in states:
+        opt.state[p][k] = targets[key]
+    groups = json.loads((Path(path) / GROUPS).read_text())
+    for key, opt in optimizers.items():
+        for group, saved_group in zip(opt.param_groups, groups[key]):
+            group.update({k: type(group[k])(v) if isinstance(group.get(k), tuple) else v
+                          for k, v in saved_group.items() if k != "params"})
+
+
+def _empty_like_saved(param: torch.Tensor, meta) -> torch.Tensor:
+    """A tensor to load a saved optimizer state into: distributed like `param` when it has the
+    parameter's shape (exp_avg, ...) and `param` is a shard; plain otherwise (AdamW's step)."""
+    size, dtype = tuple(meta.size), meta.properties.dtype
+    if hasattr(param, "device_mesh") and size == tuple(param.shape):
+        from torch.distributed.tensor import empty
+
+        return empty(size, dtype=dtype, device_mesh=param.device_mesh, placements=param.placements)
+    return torch.empty(size, dtype=dtype, device=param.device)
+
+
+def read_trainable(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint's trainable weights, whole, by parameter name, whichever format wrote them (in
+    one process: a sharded checkpoint's shards are put together)."""
+    path = Path(path)
+    if not (path / SHARDED).is_dir():
+        return {k: v for k, v in load_file(str(path / TRAINABLE)).items() if not k.startswith("extra::")}
+    import torch.distributed.checkpoint as dcp
+
+    folder = str(path / SHARDED)
+    saved = _safe_reader(folder).read_metadata().state_dict_metadata
+    out = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items() if k.startswith("model/")}
+    with _alone_quietly():
+        dcp.load(out, checkpoint_id=folder, storage_reader=_safe_reader(folder), no_dist=True)
+    return {k[len("model/"):]: v for k, v in out.items()}
+
+
+@contextlib.contextmanager
+def _alone_quietly():
+    """DCP warns that it "assumes" one process when there is no process group: here that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` index: DCP's metadata classes, torch sizes and dtypes, paths,
+    and nothing else (the shards themselves DCP reads with `torch.load(weights_only=True)`)."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+             ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+
+    def find_class(self, module: str, name: str):
+        if module in self.MODULES or (module, name) in self.NAMES or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"DCP metadata: {module}.{name} is not a metadata class; refusing to load it")
+
+
+@functools.cache
+def _safe_reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """DCP's `FileSystemReader`, its `.metadata` read by `_MetadataUnpickler`."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as stream:
+                metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
+
+
+def _safe_reader(path: str):
+    return _safe_reader_class()(path)
+
+
 class Checkpointer:
     """Writes and finds checkpoints under `<output_dir>/checkpoints`, keeping the newest `keep`."""
 
@@ -152,23 +314,31 @@ class Checkpointer:
         extra_tensors: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Write checkpoint `step` atomically and prune the oldest beyond `keep` (every replica
-        calls it; rank 0 writes)."""
+        calls it; with replicas each writes its shards, rank 0 the rest)."""
         from align.engine import distributed
 
         final = self.root / f"step_{step}"
-        tensors = trainable_state(model)
-        optimizer_states = {k: optimizer_state(model, o) for k, o in optimizers.items()}
+        tmp = self.root / f".tmp_step_{step}"
+        sharded = distributed.world_size() > 1
+        if sharded:  # each replica writes its own shards into the folder rank 0 made
+            if distributed.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            distributed.barrier()
+            save_sharded(tmp, model, optimizers)
+        else:
+            tensors = trainable_state(model)
+            optimizer_states = {k: optimizer_state(model, o) for k, o in optimizers.items()}
         if not distributed.is_main():
             distributed.barrier()  # rank 0 is writing
             return final
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp_step_{step}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        if not sharded:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(tensors, str(tmp / TRAINABLE))
+            torch.save(optimizer_states, tmp / OPTIMIZER)
         if extra_tensors:
-            tensors.update({f"extra::{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
-        save_file(tensors, str(tmp / TRAINABLE))
-        torch.save(optimizer_states, tmp / OPTIMIZER)
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / EXTRA))
         torch.save({k: s.state_dict() for k, s in schedulers.items()}, tmp / SCHEDULER)
         plain, rng_tensors = rng_state()
         (tmp / RNG).write_text(json.dumps(plain))
@@ -193,13 +363,20 @@ class Checkpointer:
         optimizers: dict[str, torch.optim.Optimizer],
         schedulers: dict[str, Any],
     ) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Restore everything saved by `save`; returns (trainer_state, extra_tensors)."""
-        tensors = load_file(str(path / TRAINABLE))
-        extra = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("extra::")}
-        load_trainable_state(model, {k: v for k, v in tensors.items() if not k.startswith("extra::")})
-        opt_states = torch.load(path / OPTIMIZER, weights_only=True)
-        for k, o in optimizers.items():
-            load_optimizer_state(model, o, opt_states[k])
+        """Restore everything saved by `save`, in either format, under any number of replicas;
+        returns (trainer_state, extra_tensors)."""
+        if (path / SHARDED).is_dir():
+            load_sharded(path, model, optimizers)
+        else:
+            tensors = load_file(str(path / TRAINABLE))
+            load_trainable_state(model, {k: v for k, v in tensors.items() if not k.startswith("extra::")})
+            opt_states = torch.load(path / OPTIMIZER, weights_only=True)
+            for k, o in optimizers.items():
+                load_optimizer_state(model, o, opt_states[k])
+        extra = load_file(str(path / EXTRA)) if (path / EXTRA).exists() else {}
+        if (path / TRAINABLE).exists():  # older checkpoints kept them beside the weights
+            extra.update({k.split("::", 1)[1]: v for k, v in load_file(str(path / TRAINABLE)).items()
+                          if k.startswith("extra::")})
         sched_states = torch.load(path / SCHEDULER, weights_only=True)
         for k, s in schedulers.items():
             s.load_state_dict(sched_states[k])
@@ -218,6 +395,7 @@ class Checkpointer:
 
 
 def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())

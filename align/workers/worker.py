@@ -555,23 +555,26 @@ class ModelWorker:
 
     def save(self, path: str) -> None:
         """Every rank writes its own RNG states (LoRA dropout draws from them, and each replica
-        draws for its own shard); rank 0 also writes every role (adapter / weights and head) and
-        the optimizer and schedule states under `path`, identical on the replicas."""
-        from align.trainers.checkpoint import optimizer_state
+        draws for its own shard). One replica writes every role (adapter / weights and head) and
+        the optimizer and schedule states under `path`; N replicas write the trainable weights
+        and optimizer states sharded (DCP, each its shards: `align.trainers.checkpoint.
+        save_sharded`, nothing gathered) and rank 0 the schedules."""
+        from align.trainers.checkpoint import optimizer_state, save_sharded
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         plain, tensors = rng_state()
         (out / RNG_FILE.format(rank=self.rank)).write_text(json.dumps(plain))
         torch.save(tensors, out / TORCH_RNG_FILE.format(rank=self.rank))
-        # Every replica takes part in gathering sharded weights and optimizer states (by name).
-        optimizers = {k: optimizer_state(self.model, o) for k, o in self.optimizers.items()}
-        with self.train_engine.gathered(self.model):
+        schedulers = {k: s.state_dict() for k, s in self.schedulers.items()}
+        if self.world_size > 1:
+            save_sharded(out, self.model, self.optimizers)
             if self.rank == 0:
-                self.model.save(str(out))
-        if self.rank == 0:
-            torch.save({"optimizers": optimizers, "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}},
-                       out / OPTIMIZER_FILE)
+                torch.save({"schedulers": schedulers}, out / OPTIMIZER_FILE)
+            return
+        self.model.save(str(out))
+        torch.save({"optimizers": {k: optimizer_state(self.model, o) for k, o in self.optimizers.items()},
+                    "schedulers": schedulers}, out / OPTIMIZER_FILE)
 
     def export_actor(self, path: str) -> str | None:
         """Rank 0 writes the trained actor as a Hugging Face folder (the LoRA adapter merged
@@ -582,16 +585,20 @@ class ModelWorker:
         return path if self.rank == 0 else None
 
     def load(self, path: str) -> None:
-        """Restore what `save` wrote: every replica loads rank 0's weights and optimizer states
-        and its own RNG states. A checkpoint without this rank's RNG files (written by fewer
-        replicas) resumes with a warning: dropout masks then differ from the uninterrupted run."""
-        from align.trainers.checkpoint import load_optimizer_state
+        """Restore what `save` wrote, under any number of replicas (a sharded checkpoint is
+        resharded to this run's replicas; a whole one is loaded by every replica into its shards),
+        and each replica's RNG states. A checkpoint without this rank's RNG files (written by
+        fewer replicas) resumes with a warning: dropout masks then differ from the uninterrupted run."""
+        from align.trainers.checkpoint import SHARDED, load_optimizer_state, load_sharded
 
-        with self.train_engine.gathered(self.model, writeback=True):
-            self.model.load(path)
         state = torch.load(Path(path) / OPTIMIZER_FILE, weights_only=True)
-        for k, o in self.optimizers.items():
-            load_optimizer_state(self.model, o, state["optimizers"][k])
+        if (Path(path) / SHARDED).is_dir():
+            load_sharded(path, self.model, self.optimizers)
+        else:
+            with self.train_engine.gathered(self.model, writeback=True):
+                self.model.load(path)
+            for k, o in self.optimizers.items():
+                load_optimizer_state(self.model, o, state["optimizers"][k])
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
         self.sync_rollout()

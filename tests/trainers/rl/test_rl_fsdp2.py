@@ -1,6 +1,6 @@
 """GRPO and PPO end to end with 2 FSDP2-sharded replicas per worker group (gloo on CPU): the
 rollout copy is refreshed from gathered shards (the engine samples as the trainer scores), the
-sharded checkpoint is written and a rerun resumes from it. That the sharded updates equal one
+checkpoint is written sharded (DCP, a file per replica) and a rerun resumes from it. That the sharded updates equal one
 replica's is tests/workers/test_data_parallel.py."""
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ def test_sharded_rl_run_syncs_checkpoints_and_resumes(ray_cluster, tmp_path, alg
     overrides = [f"algo={algo}", *COMMON, *extra, f"cluster.address={ray_cluster}", f"output_dir={tmp_path}"]
     cfg, raw = compose([*overrides, "trainer.max_steps=2"])
     run(cfg, raw)
-    assert (tmp_path / "checkpoints" / "step_2" / "workers" / "model" / "actor" / "adapter_model.safetensors").exists()
+    # each replica wrote its own shards of the trainable weights and optimizer states (DCP)
+    worker = tmp_path / "checkpoints" / "step_2" / "workers" / "model"
+    assert sorted(f.name for f in (worker / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (worker / "actor").exists()  # nothing gathered whole
     cfg, raw = compose([*overrides, "trainer.max_steps=3"])
     summary = run(cfg, raw)  # resume=auto: from the sharded step-2 checkpoint
     rows = read_metrics(tmp_path)
