@@ -168,6 +168,7 @@ class Setup:
     checkpointing: bool = False
     micro_batch: int = 8              # rows per backward
     grad_accum: int = 1
+    max_tokens: int | None = None     # trainer.max_tokens_per_micro: packed micro-batches of at most this many tokens
     prompt_len: int = 384
     response_len: int = 128
     seq_len: int = 512
@@ -201,8 +202,8 @@ class Setup:
             dtype_bytes=DTYPE_BYTES[m.dtype], precision=getattr(t, "precision", "model") or "model",
             strategy=getattr(t, "strategy", "single") or "single", world=cfg.cluster.num_replicas,
             checkpointing=bool(getattr(t, "gradient_checkpointing", False)), micro_batch=t.batch_size,
-            grad_accum=t.grad_accum, prompt_len=prompt_len, response_len=response_len,
-            seq_len=prompt_len + response_len,
+            grad_accum=t.grad_accum, max_tokens=getattr(t, "max_tokens_per_micro", None), prompt_len=prompt_len,
+            response_len=response_len, seq_len=prompt_len + response_len,
             roles=("actor", "critic") if name == "ppo" else ("actor",) if rl else (name,),
             placement=cfg.cluster.placement, rollout_backend=r.backend, merged_copy=r.merged_copy,
             gpu_memory_utilization=r.gpu_memory_utilization, sleep_when_training=r.sleep_when_training,
@@ -292,12 +293,17 @@ def _model_process(s: Setup, shape: ModelShape, name: str, roles: tuple, *, roll
     tokens = rows * s.seq_len
     if s.algo == "dpo":  # share_prompt: the prompt once, both responses over its cache
         tokens = s.micro_batch * s.prompt_len + rows * s.response_len
+    responses = rows * s.response_len
+    if s.max_tokens:  # packed micro-batches: at most the budget's tokens however many rows
+        rl_step = s.algo in ("grpo", "ppo")
+        tokens = min(s.max_tokens, s.rollout_rows * s.seq_len if rl_step else tokens * s.grad_accum)
+        responses = min(tokens, s.rollout_rows * s.response_len if rl_step else responses * s.grad_accum)
     per_token = shape.activation_elements_per_token
     parts["activations"] = tokens * per_token(False) * act_b if trains else 0
     parts["activations (checkpointing)"] = tokens * per_token(True) * act_b if trains else 0
     # DPO and the RL workers run the LM head on response positions only (shared-prompt log-probs).
     lm_rows = 0 if s.algo == "rm" or "actor" not in roles and s.algo in ("grpo", "ppo") else (
-        tokens if s.algo == "sft" else rows * s.response_len)  # a critic or reward worker: no LM head
+        tokens if s.algo == "sft" else responses)  # a critic or reward worker: no LM head
     parts["logits"] = 2 * lm_rows * shape.vocab * act_b if trains else 0  # logits and their gradient
     # The RL workers' log-probs go through the LM head in chunks (align/core/linear_logprobs.py): one
     # (chunk, V) fp32 slice and its two temporaries (softmax, gradient), not (rows, V) logits.
@@ -478,7 +484,10 @@ def _fix_candidates(s: Setup) -> list:
             out.append((f"trainer.strategy=fsdp2{_missing('strategy')} cluster.num_replicas={world}",
                         replace(s, strategy="fsdp2", world=world)))
     rl = s.algo in ("grpo", "ppo")
-    if s.micro_batch > 1 and rl:  # RL: trainer.batch_size is the micro-batch of each minibatch
+    if s.max_tokens and s.max_tokens > s.seq_len * 2:  # a packed micro-batch is cut by its token budget
+        quarter = max(s.seq_len * 2, s.max_tokens // 4)
+        out.append((f"trainer.max_tokens_per_micro={quarter}", replace(s, max_tokens=quarter)))
+    elif s.micro_batch > 1 and rl:  # RL: trainer.batch_size is the micro-batch of each minibatch
         quarter = max(1, s.micro_batch // 4)
         out.append((f"trainer.batch_size={quarter}", replace(s, micro_batch=quarter)))
     elif s.micro_batch > 1:
@@ -550,7 +559,8 @@ def format_plan(plan: Plan) -> str:
               f"vocab {sh.vocab}), finetune={s.finetune}, {s.dtype_bytes} bytes/param, precision={s.precision}, "
               f"strategy={s.strategy}, replicas={s.world}, placement={s.placement}, device={s.device}"),
              (f"      micro-batch {s.micro_batch} x {s.seq_len} tokens (prompt {s.prompt_len} + response "
-              f"{s.response_len}), gradient checkpointing {'on' if s.checkpointing else 'off'}")]
+              f"{s.response_len})" + (f", packed: at most {s.max_tokens} tokens" if s.max_tokens else "")
+              + f", gradient checkpointing {'on' if s.checkpointing else 'off'}")]
     for p in plan.processes:
         lines.append(f"  {p.name}  x{p.count}")
         for key, value in p.parts.items():

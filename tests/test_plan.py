@@ -159,3 +159,19 @@ def test_predicted_peaks_match_measured_rss_of_real_runs():
     out = json.loads(result.stdout)
     assert out["measured"] == 3
     assert out["max_rel_error"] <= 0.25, json.dumps(out["configs"], indent=1)
+
+
+def test_a_token_budget_sizes_the_activations_and_is_the_micro_batch_fix(tmp_path):
+    """With trainer.max_tokens_per_micro a packed micro-batch holds at most that many tokens,
+    whatever trainer.batch_size says: the activations are the budget's, and the fix for a
+    micro-batch that does not fit is a smaller budget."""
+    path = _llama3_folder(tmp_path)
+    base = ["algo=sft", f"model.name_or_path={path}", "trainer.batch_size=8", "data.max_length=1024"]
+    rows = plan_run(compose(base)[0], device="cuda", memory_bytes=80 * 2**30).processes[0].parts
+    budget = plan_run(compose([*base, "trainer.max_tokens_per_micro=2048"])[0], device="cuda", memory_bytes=80 * 2**30)
+    parts = budget.processes[0].parts
+    assert parts["activations"] * 4 == rows["activations"]  # 2,048 tokens against 8 x 1,024
+    assert parts["logits"] * 4 == rows["logits"]
+    small = plan_run(compose([*base, "trainer.max_tokens_per_micro=16384", "model.dtype=float32"])[0],
+                     device="cuda", memory_bytes=80 * 2**30)
+    assert any(f.startswith("trainer.max_tokens_per_micro=4096") for f in small.fixes)

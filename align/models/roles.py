@@ -161,6 +161,48 @@ def check_role(role: str, valid: Sequence[str], what: str = "role") -> None:
         raise ValueError(f"unknown or disabled {what} {role!r}; valid here: {list(valid)}")
 
 
+def pack_group_responses(row_prompt: torch.Tensor, lengths: torch.Tensor, width: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Responses -> packed rows that share a prompt, for the shared-prompt pass without padding.
+
+    row_prompt: (B,) the distinct prompt of each row (the G samples of a GRPO group share one);
+    lengths: (B,) real response tokens per row, each row's real tokens first (right padding);
+    width: a packed row's most tokens (the padded responses' width: attention over a packed row
+    costs its length times its context, so rows stay no longer than the padded ones). The
+    responses of each prompt are placed whole, first-fit in decreasing length, into rows of at
+    most `width` tokens; a row holds one prompt's responses only, so it attends to that prompt's
+    cached keys and values. Returns packed_prompt (Rp,) each packed row's prompt; segment (Rp, C),
+    C <= width, the row b whose response occupies each column (-1 - column at the tail: a
+    sequence of its own); offset (B,) where row b's response starts in its packed row; and
+    packed_row (B,) that packed row. Empty responses take no room (offset 0 of row 0).
+    """
+    B = len(lengths)
+    rows: list[tuple[int, int]] = []  # (prompt, used tokens) per packed row
+    packed_row, offset = [0] * B, [0] * B
+    order = sorted(range(B), key=lambda b: (int(row_prompt[b]), -int(lengths[b]), b))
+    for b in order:
+        n, u = int(lengths[b]), int(row_prompt[b])
+        if n == 0:
+            continue
+        r = next((i for i, (pu, used) in enumerate(rows) if pu == u and used + n <= width), len(rows))
+        if r == len(rows):
+            rows.append((u, 0))
+        packed_row[b], offset[b] = r, rows[r][1]
+        rows[r] = (u, rows[r][1] + n)
+    if not rows:
+        rows = [(int(row_prompt[0]) if B else 0, 0)]
+    C = max(max(used for _, used in rows), 1)
+    device = lengths.device
+    cols = torch.arange(C, device=device)
+    segment = (-1 - cols).repeat(len(rows), 1)  # (Rp, C)
+    for b in range(B):
+        n = int(lengths[b])
+        if n:
+            segment[packed_row[b], offset[b] : offset[b] + n] = b
+    packed_prompt = torch.tensor([u for u, _ in rows], device=device)
+    return packed_prompt, segment, torch.tensor(offset, device=device), torch.tensor(packed_row, device=device)
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions counted over real tokens only, so left-padded rows score as `generate` saw them."""
     positions = attention_mask.long().cumsum(-1) - 1
@@ -384,14 +426,22 @@ class RoleModel(nn.Module):
         a shared prompt it is one pass over the whole rows. With `entropy` it returns
         (log-probs, entropies), both (B, R): the entropy of the distribution each token came from.
 
-        Packed (`self.packed`): the whole rows run padding-free, packed (`unpad`),
-        unless the shared-prompt pass computes fewer tokens (U distinct prompts: U * P + B * R
-        padded positions against the rows' real tokens); both give the same numbers.
+        Packed (`self.packed`): the shared-prompt pass runs the responses padding-free too,
+        each prompt's responses packed into rows of at most R tokens (`pack_group_responses`)
+        over that prompt's cached keys and values, with a block-diagonal causal mask (sdpa or
+        eager attention); or, when that computes more (U distinct prompts: U * P + the real
+        response tokens against every row's real tokens), the whole rows run packed (`unpad`).
+        All paths give the same numbers.
         """
         check_role(role, [r for r in self.served_roles if r in ("actor", REFERENCE)])
         P = prompt_ids.shape[1]
         distinct, row_prompt = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
-        shared_cost = len(distinct) * P + response_ids.numel()
+        R = response_ids.shape[1]
+        lengths = response_mask.long().sum(1)
+        right_padded = bool((response_mask.long().cumsum(1) == torch.arange(1, R + 1, device=lengths.device)
+                             .clamp(max=lengths[:, None])).all())  # each row's real tokens first
+        group_packed = self.packed and right_padded and self._custom_masks(role)
+        shared_cost = len(distinct) * P + (int(response_mask.sum()) if group_packed else response_ids.numel())
         if self.packed and not self.same_passes and (len(distinct) == len(prompt_ids)
                                                      or int(prompt_mask.sum()) + int(response_mask.sum()) < shared_cost):
             ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask.long(), response_mask.long()], 1)
@@ -409,7 +459,6 @@ class RoleModel(nn.Module):
         from transformers import DynamicCache
 
         u_ids, u_mask = distinct[:, :P], distinct[:, P:]  # (U, P) each
-        R = response_ids.shape[1]
         with self._activate(role):
             backbone = self._causal_lm(role).base_model
             cache = DynamicCache()
@@ -417,6 +466,9 @@ class RoleModel(nn.Module):
             out = backbone(input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids_from_mask(u_mask),
                            use_cache=True, **kw)
             last = out.last_hidden_state[:, -1:]  # (U, 1, H): left-padded, so every prompt ends in the last column
+            if group_packed:
+                return self._packed_responses(role, backbone, cache, kw, last, u_mask, row_prompt, response_ids,
+                                              response_mask, temperature, entropy)
             cache.batch_select_indices(row_prompt)  # (B, heads, P, d) per layer, rows in batch order
             positions = u_mask.sum(1)[row_prompt, None] + torch.arange(R, device=u_mask.device)  # (B, R)
             attention = torch.cat([prompt_mask.long(), response_mask.long()], 1)  # (B, P + R)
@@ -425,6 +477,47 @@ class RoleModel(nn.Module):
             hidden = torch.cat([last[row_prompt], hidden], 1)  # (B, R + 1, H): position t scores token t + 1
             targets = torch.cat([response_ids[:, :1], response_ids], 1)  # the first column is never scored
             return self._token_logprobs(role, hidden, targets, temperature, entropy)
+
+    def _custom_masks(self, role: str) -> bool:
+        """Whether `role`'s attention takes a custom 4-D mask (sdpa or eager; not flash or flex)."""
+        return getattr(self._causal_lm(role).config, "_attn_implementation", None) in ("sdpa", "eager")
+
+    def _packed_responses(self, role, backbone, cache, kw, last, u_mask, row_prompt, response_ids, response_mask,
+                          temperature: float, entropy: bool):
+        """The shared-prompt pass's second half without padding: (B, R) log-probs (and entropies)
+        of the responses, run packed per prompt (`pack_group_responses`) over `cache`, the U
+        distinct prompts' keys and values (U, heads, P, d) per layer, whose last hidden states
+        are `last` (U, 1, H). Positions continue each prompt's; a response attends to its
+        prompt's real tokens and causally to itself only. Zeros past each response's end."""
+        B, R = response_ids.shape
+        P, device = u_mask.shape[1], response_ids.device
+        lengths = response_mask.long().sum(1)  # each row's real tokens first
+        packed_prompt, segment, offset, packed_row = pack_group_responses(row_prompt, lengths, R)
+        rows, C = segment.shape
+        cache.batch_select_indices(packed_prompt)  # (Rp, heads, P, d) per layer
+        real = segment >= 0
+        b = segment.clamp(min=0)  # (Rp, C)
+        col = torch.arange(C, device=device)
+        t = torch.where(real, col - offset[b], 0)  # position within the response
+        ids = torch.where(real, response_ids[b, t], 0)
+        positions = u_mask.sum(1)[packed_prompt, None] + t  # continues the prompt's positions
+        causal = col[:, None] >= col[None, :]  # (C, C)
+        allowed = torch.cat([u_mask[packed_prompt].bool()[:, None, :].expand(rows, C, P),
+                             (segment[:, :, None] == segment[:, None, :]) & causal], 2)[:, None]  # (Rp, 1, C, P + C)
+        if self._causal_lm(role).config._attn_implementation == "eager":  # eager adds the mask to the scores
+            dtype = last.dtype
+            allowed = torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        hidden = backbone(input_ids=ids, attention_mask=allowed, position_ids=positions, use_cache=True,
+                          **kw).last_hidden_state  # (Rp, C, H)
+        rb, rt = (torch.arange(R, device=device)[None, :] < lengths[:, None]).nonzero(as_tuple=True)  # (M,) real tokens
+        U = last.shape[0]
+        flat = torch.cat([last[:, 0], hidden.flatten(0, 1)])  # (U + Rp * C, H)
+        # response token t is scored from position t - 1: its prompt's last token when t = 0
+        src = torch.where(rt == 0, row_prompt[rb], U + packed_row[rb] * C + offset[rb] + rt - 1)
+        res = head_logprobs(self._causal_lm(role), flat[src], response_ids[rb, rt], temperature, entropy)
+        parts = res if entropy else (res,)
+        padded = tuple(x.new_zeros(B, R).index_put((rb, rt), x) for x in parts)
+        return padded if entropy else padded[0]
 
     def values(self, input_ids, attention_mask) -> torch.Tensor:
         """(B, T) critic value of each prefix x_{<=t} (critic adapter or model + value head)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 from test_data_parallel import ROLES, losses, make_batch, spec_for  # tests/workers is on sys.path
 
@@ -66,3 +67,46 @@ def test_packed_annotate_and_updates_equal_the_padded_path(stories_path, monkeyp
         assert moved > 1e-4
         for a, b in zip(packed[role], padded[role]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_shared_prompt_responses_run_packed_with_the_padded_values_and_gradients(stories_path, impl, finetune):
+    """GRPO groups (4 rows per prompt, responses of 2..9 tokens): packed, each prompt runs once and
+    its responses run packed into rows over its cached keys and values (2-3 packed rows per group
+    instead of 4 padded ones); log-probs, entropies and their gradients (through the cache into
+    the prompt pass) equal the padded shared-prompt pass's."""
+    from align.models.roles import pack_group_responses
+
+    torch.set_num_threads(1)
+    model = ModelWorker(spec_for(stories_path, finetune=finetune)).model
+    model._causal_lm("actor").config._attn_implementation = impl
+    batch = _grouped(make_batch(16, seed=5))
+    lengths = batch.response_mask.sum(1)
+    _, distinct_row = torch.unique(torch.cat([batch.prompt_ids, batch.prompt_mask], 1), dim=0, return_inverse=True)
+    packed_prompt, segment, _, _ = pack_group_responses(distinct_row, lengths, batch.response_ids.shape[1])
+    assert len(packed_prompt) < len(batch)  # responses share rows: fewer positions to run
+    assert ((segment >= 0).sum(1) <= segment.shape[1]).all() and int((segment >= 0).sum()) == int(lengths.sum())
+    params = model.trainable_parameters("actor")
+
+    def run(packed: bool):
+        model.packed = packed
+        model.zero_grad(set_to_none=True)
+        logp, ent = model.response_log_probs(batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                             batch.response_mask, role="actor", entropy=True)
+        mask = batch.response_mask
+        (logp[mask].sum() + 0.1 * ent[mask].sum()).backward()
+        return logp[mask].detach(), ent[mask].detach(), [p.grad.clone() for p in params if p.grad is not None]
+
+    calls = []
+    real = model._packed_responses
+    model._packed_responses = lambda *a, **k: calls.append(1) or real(*a, **k)
+    padded = run(False)
+    assert not calls
+    packed = run(True)
+    assert calls  # the packed responses pass ran
+    for got, want in zip(packed[:2], padded[:2]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(packed[2]) == len(padded[2]) > 0
+    for got, want in zip(packed[2], padded[2]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
