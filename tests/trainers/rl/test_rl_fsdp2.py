@@ -53,7 +53,7 @@ FULL = ["model=stories260k", "algo.rollout_batch_size=1", "algo.num_generations=
 
 
 def _role_tensors(folder: Path) -> dict:
-    """Every tensor of a checkpointed role folder (the model's safetensors and the head's)."""
+    """Every tensor of a Hugging Face model folder (and of a role's head file beside it)."""
     from safetensors.torch import load_file
 
     out = {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
@@ -80,10 +80,11 @@ def test_sharded_full_fine_tuning_equals_one_replica(ray_cluster, tmp_path, algo
         out = tmp_path / name
         cfg, raw = compose([f"algo={algo}", *FULL, *extra, f"cluster.address={ray_cluster}", f"output_dir={out}"])
         assert cfg.model.finetune == "full"
-        run(cfg, raw)
-        roles = ("actor", "critic") if algo == "ppo" else ("actor",)
-        runs[name] = ({r["step"]: r for r in read_metrics(out)},
-                      {role: _role_tensors(out / "checkpoints" / "step_2" / "workers" / "model" / role) for role in roles})
+        summary = run(cfg, raw)
+        weights = {"actor": _role_tensors(Path(summary["export_dir"]))}  # the exported Hugging Face folder
+        if algo == "ppo":  # the critic is not exported: its role folder in the last checkpoint
+            weights["critic"] = _role_tensors(out / "checkpoints" / "step_2" / "workers" / "model" / "critic")
+        runs[name] = ({r["step"]: r for r in read_metrics(out)}, weights)
     (rows_one, weights_one), (rows_two, weights_two) = runs["one"], runs["two"]
     assert sorted(rows_one) == sorted(rows_two) == [0, 1, 2]
     keys = ["reward/mean", "actor/loss", "actor/pg_loss", "actor/grad_norm"]
