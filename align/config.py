@@ -238,7 +238,10 @@ class RolloutConfig:
     merged_copy: RL workers with a LoRA actor generate from a plain copy of the base with the
     actor's adapter merged in, refreshed at every weight sync (one more copy of the base weights,
     as a vLLM engine holds; generation about 1.7x faster on CPU). false: generate through the
-    adapter on the one shared base (least memory).
+    adapter on the one shared base (least memory). With full fine-tuning it matters under
+    `trainer.strategy=fsdp2` only: the actor's worker generates from a whole copy of the actor,
+    refreshed from the gathered shards at every sync (false is refused there: the HF engine
+    would gather the shards for every token); unsharded the engine runs on the actor itself.
     fast_decode: the HF engine decodes Llama, Mistral and Qwen2 models with its lean decode step
     (`rollout.fast_decode`: same logits, about 1.5x faster generation on CPU); false runs the
     model's own forward for every token. Other models and LoRA layers always use the forward.
@@ -783,10 +786,15 @@ class RunConfig:
                               "policy as the reference, which trainer.strategy=fsdp2 does not shard: precompute the "
                               "reference (algo.precompute_reference=true, the default) or use LoRA")
         if strategy == "fsdp2" and n > 1 and isinstance(self.algo, RLConfig) and self.rollout.backend == "hf" and (
-                self.model.finetune != "lora" or not self.rollout.merged_copy):
-            raise ConfigError("trainer.strategy=fsdp2 shards the RL workers' model, and the HF rollout engine would "
-                              "generate through the shards token by token: use LoRA with rollout.merged_copy=true "
-                              "(a gathered copy generates; the default), or rollout=vllm")
+                not self.rollout.merged_copy or self.model.quantization is not None):
+            # The HF engine generates from a whole copy of the actor (LoRA merged in, or the fully
+            # fine-tuned weights), refreshed from the gathered shards at every sync (ModelWorker).
+            why = ("rollout.merged_copy=false" if not self.rollout.merged_copy else
+                   f"model.quantization={self.model.quantization} (no merged copy of a quantized base)")
+            raise ConfigError(f"trainer.strategy=fsdp2 shards the RL workers' model, and with {why} the HF rollout "
+                              "engine would generate through the shards token by token: set rollout.merged_copy=true "
+                              "(a whole copy of the actor generates, refreshed from the gathered weights at each "
+                              "sync; the default) on an unquantized model, or rollout=vllm")
         if n > 1 and name in ("sft", "rm", "dpo") and self.trainer.batch_size % n:
             raise ConfigError(f"trainer.batch_size={self.trainer.batch_size} must be a multiple of "
                               f"cluster.num_replicas={n}: each replica takes an equal share of every micro-batch")

@@ -18,7 +18,9 @@ built on PyTorch's `meta` device) and prints, for each process the run starts, w
   (chunk, V) fp32 slice and its temporaries.
 - the rollout engine: the HF engine's KV cache, 2 * layers * kv_heads * head_dim * bytes per
   token, for one generation chunk (`algo.forward_batch_size` rows of prompt + `max_new_tokens`);
-  the merged copy of a LoRA actor (`rollout.merged_copy`: one more copy of the base); vLLM's
+  the merged copy of a LoRA actor (`rollout.merged_copy`: one more copy of the base), or under
+  fsdp2 with full fine-tuning the actor's whole, unsharded copy the HF engine generates from
+  (the same `rollout.merged_copy`; unsharded the engine runs on the actor itself); vLLM's
   share of the GPU (`rollout.gpu_memory_utilization` of it; its weights and KV cache live there).
 - the runtime: on CPU the resident memory of the Python process with torch, transformers, peft and
   the trainers imported (a measured constant, `CPU_RUNTIME_BYTES`); on a GPU, the CUDA context.
@@ -327,7 +329,7 @@ def _model_process(s: Setup, shape: ModelShape, name: str, roles: tuple, *, roll
     elif rollout:
         chunk = min(s.forward_batch, max(rows_gen, 1))
         parts["KV cache"] = chunk * (s.prompt_len + s.response_len) * shape.kv_bytes_per_token(b)
-        if lora and s.merged_copy:
+        if s.merged_copy and (lora or shard > 1):  # full fine-tuning: a whole copy beside the shards
             parts["merged rollout copy"] = n * b
     return p
 

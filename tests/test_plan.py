@@ -110,6 +110,22 @@ def test_an_8b_full_fine_tune_does_not_fit_and_lora_is_the_first_fix(tmp_path):
     assert p["gradients"] == parts["gradients"] // 8 and p["optimizer state"] == parts["optimizer state"] // 8
 
 
+def test_a_sharded_full_fine_tune_counts_the_whole_rollout_copy(tmp_path):
+    """GRPO with full fine-tuning: unsharded the HF engine generates on the actor itself (no copy
+    counted); under fsdp2 the actor's worker holds a whole copy of the actor beside its shards (the
+    model's parameters x bytes, not divided by the ranks), as the LoRA merged copy is counted."""
+    path = _llama3_folder(tmp_path)
+    common = ["algo=grpo", f"model.name_or_path={path}", "model.dtype=bfloat16", "trainer.precision=bf16-mixed"]
+    copies = {}
+    for name, extra in {"single": ["model.finetune=full"],
+                        "fsdp2": ["model.finetune=full", "trainer.strategy=fsdp2", "cluster.num_replicas=2"],
+                        "lora": ["model.finetune=lora"]}.items():
+        cfg, _ = compose([*common, *extra])
+        plan = plan_run(cfg, device="cuda", memory_bytes=80 * 2**30)
+        copies[name] = plan.processes[0].parts["merged rollout copy"]
+    assert copies == {"single": 0, "fsdp2": 2 * plan.shape.params, "lora": 2 * plan.shape.params}
+
+
 def test_check_memory_warns_or_refuses(tmp_path):
     """An 8B model's fp32 full fine-tune (129 GB planned) on a machine stated to have 64 GiB: `warn`
     prints the problem and the fixes and returns the plan; `strict` raises naming the key."""

@@ -605,22 +605,21 @@ class RoleModel(nn.Module):
 
     @property
     def can_merge_actor(self) -> bool:
-        """Whether `merged_actor_copy` applies: a LoRA actor on an unquantized base."""
+        """Whether `merged_actor_copy` merges: a LoRA actor on an unquantized base. (A fully
+        fine-tuned actor is already plain; its copy is taken only where the actor is sharded.)"""
         return ("actor" in self.roles and self._adapter_name("actor") is not None
                 and not is_quantized(self._causal_lm("actor")))
 
     def merged_actor_copy(self) -> nn.Module:
-        """A plain causal LM (no LoRA layers, frozen, in eval mode) computing the actor: a copy of
-        its base with the actor's adapter merged in, for a rollout engine that should generate at
-        the bare model's speed. It costs one more copy of the base weights; `refresh_merged_actor`
-        brings it up to date after an update. Only for LoRA actors on an unquantized base
-        (`can_merge_actor`)."""
+        """A plain causal LM (no LoRA layers, frozen, in eval mode) computing the actor, for a
+        rollout engine of its own: with LoRA a copy of the base with the actor's adapter merged in
+        (generation at the bare model's speed), with full fine-tuning a copy of the actor (veRL's
+        rollout weights: whole where the actor is sharded). Take it before the model is sharded.
+        It costs one more copy of the base weights; `refresh_merged_actor` brings it up to date
+        after an update. Tied weights stay tied (one parameter, as in the actor)."""
         import copy
 
         check_role("actor", self.roles)
-        adapter = self._adapter_name("actor")
-        if adapter is None:
-            raise ValueError("merged_actor_copy needs a LoRA actor; a fully fine-tuned actor is already plain")
         plain = strip_lora_layers(copy.deepcopy(self._causal_lm("actor")))
         plain.requires_grad_(False)
         plain.eval()
@@ -629,12 +628,21 @@ class RoleModel(nn.Module):
 
     @torch.no_grad()
     def refresh_merged_actor(self, plain: nn.Module) -> int:
-        """Write W + scale * B @ A of the actor's current adapter into `plain` (from
-        `merged_actor_copy`), computed from the untouched base weights, so no rounding accumulates
-        over many refreshes. Returns the bytes written."""
+        """Bring `plain` (from `merged_actor_copy`) up to the actor: with LoRA write W + scale *
+        B @ A of the actor's current adapter, computed from the untouched base weights (no
+        rounding accumulates over many refreshes); with full fine-tuning copy every parameter of
+        the actor (whole ones: call it inside `TrainEngine.gathered` when sharded), cast to the
+        copy's dtype. Returns the bytes written."""
+        lm = self._causal_lm("actor")
+        adapter = self._adapter_name("actor")
+        if adapter is None:  # full fine-tuning: parameter by parameter, a tied one once
+            live = dict(lm.named_parameters(remove_duplicate=False))
+            pairs = [(target, live[name]) for name, target in plain.named_parameters()]
+        else:
+            pairs = [(plain.get_submodule(name).weight, weight)
+                     for name, weight in merged_lora_weights(lm, adapter).items()]
         written = 0
-        for name, weight in merged_lora_weights(self._causal_lm("actor"), self._adapter_name("actor")).items():
-            target = plain.get_submodule(name).weight
+        for target, weight in pairs:
             target.copy_(weight)
             written += target.numel() * target.element_size()
         return written

@@ -2,8 +2,9 @@
 
 One worker holds one copy of the model (the shared multi-head model with LoRA, or separate
 models with full fine-tuning) and, when it hosts the actor, the rollout engine: the HF engine
-over a merged copy of the LoRA actor (rewritten at each sync) or over the actor's own parameters
-(nothing to sync), or a vLLM engine synced with the actor's adapter or weights
+over a merged copy of the LoRA actor or a whole copy of a sharded fully fine-tuned one (rewritten
+at each sync from the gathered weights), or over the actor's own parameters (nothing to sync),
+or a vLLM engine synced with the actor's adapter or weights
 (`rollout.backend=vllm`). A reward model with a base of its own is a `SequenceScorer` beside
 the model (colocated) or alone in a `ScorerWorker` (split placement).
 Verbs take and return `Experience` shards and plain dicts:
@@ -61,7 +62,10 @@ class WorkerSpec:
         weights). merged_rollout: with a LoRA actor on an
         unquantized base, generate from a plain copy of the base with the actor's adapter merged
         in, refreshed at every weight sync (`rollout.merged_copy`); otherwise generate through
-        the adapter on the shared weights. fast_decode: `rollout.fast_decode`, for the HF engine.
+        the adapter on the shared weights. With full fine-tuning under fsdp2, generate from a
+        whole copy of the actor taken before sharding and refreshed at every sync (unsharded, the
+        engine runs on the actor itself, so no copy is kept). fast_decode: `rollout.fast_decode`,
+        for the HF engine.
         rollout: the rollout config; with `backend=vllm` the actor's worker runs a vLLM engine over
         `model.name_or_path` (see `ModelWorker._vllm_engine`), at most `max_model_len` tokens a
         sequence (and at most the model's context).
@@ -162,8 +166,9 @@ class ModelWorker:
 
             engine_kw = dict(max_batch_size=spec.forward_batch_size, eos_token_id=self.tokenizer.eos_token_id,
                              fast_decode=spec.fast_decode)
-            if spec.merged_rollout and self.model.can_merge_actor:
+            if spec.merged_rollout and self.model.can_merge_actor or self._full_actor_copy:
                 # LoRA layers cost ~40% of a decode step on CPU; a merged copy runs at the bare model's speed.
+                # Sharded full fine-tuning: a whole copy, taken before sharding, so decoding never gathers.
                 self.rollout_model = self.model.merged_actor_copy()
                 self.engine = HFEngine(self.rollout_model, self.tokenizer, **engine_kw)
             else:
@@ -172,6 +177,13 @@ class ModelWorker:
         if world_size == 1:
             self._prepare_training()
         self.model.train()
+
+    @property
+    def _full_actor_copy(self) -> bool:
+        """Whether the HF engine generates from a whole copy of a fully fine-tuned actor
+        (`rollout.merged_copy` under fsdp2 replicas, as veRL's rollout holds its own weights).
+        Unsharded (single, ddp) the engine runs on the actor itself: nothing to copy or sync."""
+        return self.spec.merged_rollout and not self.model.is_lora and self.train_engine.sharded
 
     def _prepare_training(self) -> None:
         """The engine's strategy and precision on the model, then each trainable role's optimizer."""
@@ -422,7 +434,8 @@ class ModelWorker:
 
     def sync_rollout(self) -> int:
         """Bring the rollout engine up to date with the actor; returns the bytes copied. A merged
-        copy gets W + scale * B @ A of every adapted layer; a vLLM engine gets the actor's adapter
+        copy gets W + scale * B @ A of every adapted layer, a full actor's copy every weight
+        (gathered: every replica enters); a vLLM engine gets the actor's adapter
         (LoRA: a new adapter request, the base stays) or its full state dict (loaded in place); an
         engine over the actor's own parameters (or no engine) needs nothing."""
         if self.rollout_model is not None:

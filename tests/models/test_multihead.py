@@ -336,14 +336,37 @@ def test_merged_actor_copy_follows_the_adapter_and_leaves_the_base_alone(tie, pe
     assert all(torch.equal(v, live[k]) for k, v in base_now.items()), "a refresh wrote into the shared base"
 
 
-def test_merged_actor_copy_needs_a_lora_actor(model):
+@pytest.mark.parametrize("tie", [False, True])
+def test_full_actor_copy_is_plain_frozen_and_follows_every_weight(model, tie):
+    """With full fine-tuning the rollout copy is a frozen, eval-mode copy of the actor (the
+    sharded RL worker's generation model): same logits; stale after the actor's weights move;
+    a refresh copies every parameter back (a tied embedding/LM head stays one tensor); the
+    actor is not written."""
     from align.models import build_tiny_llama
     from align.models.separate import SeparateModels
 
-    full = SeparateModels.from_base(build_tiny_llama(num_layers=1), roles=("actor",))
-    assert model.can_merge_actor and not full.can_merge_actor
-    with pytest.raises(ValueError, match="LoRA actor"):
-        full.merged_actor_copy()
+    full = SeparateModels.from_base(build_tiny_llama(num_layers=2, tie_word_embeddings=tie), roles=("actor",))
+    assert model.can_merge_actor and not full.can_merge_actor  # nothing to merge: the copy is taken when sharded
+    plain = full.merged_actor_copy()
+    actor = full.models["actor"]
+    assert plain is not actor and not any(p.requires_grad for p in plain.parameters()) and not plain.training
+    assert (plain.lm_head.weight is plain.model.embed_tokens.weight) == tie
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def gap():
+        with torch.no_grad():
+            return (plain(input_ids=ids).logits - actor.eval()(input_ids=ids).logits).abs().max()
+
+    assert gap() == 0
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # an "update" of every actor weight
+        for p in actor.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    live = snapshot(actor)
+    assert gap() > 1e-3
+    assert full.refresh_merged_actor(plain) == sum(p.numel() * 4 for p in plain.parameters())
+    assert gap() == 0 and (plain.lm_head.weight is plain.model.embed_tokens.weight) == tie
+    assert all(torch.equal(v, actor.state_dict()[k]) for k, v in live.items())
 
 
 def grouped_rollouts(G: int = 3, seed: int = 0):

@@ -13,9 +13,9 @@ from rollout.base import SamplingParams
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 
 
-def _spec(stories_path: str, merged: bool) -> WorkerSpec:
+def _spec(stories_path: str, merged: bool, finetune: str = "lora") -> WorkerSpec:
     trainer = TrainerConfig(lr=0.5, optimizer="sgd", warmup_steps=0, lr_scheduler="constant", max_grad_norm=1.0)
-    return WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune="lora"), trainer=trainer,
+    return WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune=finetune), trainer=trainer,
                       roles=("actor",), merged_rollout=merged)
 
 
@@ -66,6 +66,22 @@ def test_merged_copy_generates_what_the_actor_would_and_follows_each_sync(storie
     restored = ModelWorker(_spec(stories_path, True))
     restored.load(str(tmp_path))
     assert torch.equal(restored.generate(prompts, [0, 1, 2], GREEDY).response_ids, fresh.response_ids)
+
+
+def test_an_unsharded_full_fine_tune_generates_on_the_actor_itself(stories_path, prompts):
+    """Full fine-tuning keeps no rollout copy unless the actor is sharded (fsdp2 replicas,
+    tests/trainers/rl/test_rl_fsdp2.py): the engine samples from the live actor, so an update
+    shows in the next rollout with nothing to sync, and the CPU smoke path holds one actor."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    worker = ModelWorker(_spec(stories_path, True, finetune="full"))
+    assert worker.rollout_model is None and worker.engine.model is worker.model
+    before = worker.generate(prompts, [0, 1, 2], GREEDY)
+    _update(worker, prompts)
+    assert worker.sync_rollout() == 0
+    after = worker.generate(prompts, [0, 1, 2], GREEDY)
+    assert not torch.equal(before.response_ids, after.response_ids), "the update did not change the greedy story"
+    assert (after.rollout_logp - _actor_logp(worker, after))[after.response_mask].abs().max() < 1e-4
 
 
 def test_entropy_bonus_raises_the_policys_entropy_and_is_off_by_default(stories_path, prompts):
