@@ -144,8 +144,8 @@ class TrainerConfig:
         groups its stages under its own name) and tags.
     strategy: how `cluster.num_replicas` replicas share the work (align/engine): `single` (one
         process holds everything: the CPU default, one replica), `ddp` (every replica holds the whole
-        model; gradients summed once per step) or `fsdp2` (parameters, gradients and optimizer state
-        sharded over the replicas with PyTorch FSDP2). Batch sizes are global: N replicas train on
+        model; FSDP2's backward hooks sum the gradients over the replicas) or `fsdp2` (parameters,
+        gradients and optimizer state sharded over the replicas with PyTorch FSDP2). Batch sizes are global: N replicas train on
         the same examples per step as one.
     fsdp_shard_size: fsdp2 only: shard over groups of this many replicas (e.g. the GPUs of a node),
         the groups replicating (hybrid sharding, HSDP, over a 2-D mesh); null: over all replicas.
@@ -782,10 +782,11 @@ class RunConfig:
             raise ConfigError("algo.precompute_reference=false with model.finetune=full keeps a frozen copy of the "
                               "policy as the reference, which trainer.strategy=fsdp2 does not shard: precompute the "
                               "reference (algo.precompute_reference=true, the default) or use LoRA")
-        if strategy == "fsdp2" and n > 1 and isinstance(self.algo, RLConfig) and self.rollout.backend == "hf" and (
+        if strategy != "single" and n > 1 and isinstance(self.algo, RLConfig) and self.rollout.backend == "hf" and (
                 self.model.finetune != "lora" or not self.rollout.merged_copy):
-            raise ConfigError("trainer.strategy=fsdp2 shards the RL workers' model, and the HF rollout engine would "
-                              "generate through the shards token by token: use LoRA with rollout.merged_copy=true "
+            raise ConfigError(f"trainer.strategy={strategy} runs the RL workers' model as FSDP2 units (DTensor "
+                              "parameters gathered only inside the engine's forward), and the HF rollout engine "
+                              "would generate through them token by token: use LoRA with rollout.merged_copy=true "
                               "(a gathered copy generates; the default), or rollout=vllm")
         if n > 1 and name in ("sft", "rm", "dpo") and self.trainer.batch_size % n:
             raise ConfigError(f"trainer.batch_size={self.trainer.batch_size} must be a multiple of "

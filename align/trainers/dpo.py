@@ -318,7 +318,7 @@ class PreferenceObjective:
     def __init__(self, algo: DPOConfig, reference: OnlineReference | None, packed: bool = False, forward=None):
         self.algo, self.reference, self.packed = algo, reference, packed
         # How a computation on the model runs: `TrainEngine.forward` (inside FSDP2's root unit
-        # when sharded), a plain call by default.
+        # under ddp and fsdp2), a plain call by default.
         self.forward = forward or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
         self.loss_fn = PREFERENCE_LOSSES.get(algo.loss)
         self.options = loss_options(algo, self.loss_fn)
@@ -333,7 +333,7 @@ class PreferenceObjective:
         share_prompt the batch takes whichever of the two computes fewer positions."""
         if isinstance(batch, PairBatch):
             shared, packed = shared_prompt_cost(batch.prompt_mask, batch.response_mask, k=2)
-            same_passes = distributed.world_size() > 1  # replicas (fsdp2) must run the same decoder passes
+            same_passes = distributed.world_size() > 1  # replicas (ddp, fsdp2) must run the same decoder passes
             if self.algo.share_prompt and (not self.packed or same_passes or shared <= packed):
                 return self.forward(shared_prompt_logps, model, **batch.tensors, k=2)
             return self.forward(concatenated_logps, model, **batch.tensors, k=2, packed=self.packed)

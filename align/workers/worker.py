@@ -179,7 +179,7 @@ class ModelWorker:
 
         spec = self.spec
         self.train_engine.prepare(self.model)
-        self.model.same_passes = self.train_engine.sharded
+        self.model.same_passes = self.train_engine.hooked
         for role in ("actor", "critic"):
             if role in self.model.roles:
                 tcfg = spec.trainer
@@ -384,7 +384,7 @@ class ModelWorker:
             for micro, real in self._in_step([mb.select(rows) for rows in cuts], mb):
                 micro = micro.trim().to(self.device)
                 loss, parts, means = micro_loss(micro, normaliser)
-                if not real:  # a stand-in keeping fsdp2 replicas in step: no gradient, nothing logged
+                if not real:  # a stand-in keeping hooked replicas in step: no gradient, nothing logged
                     (loss * 0).backward()
                     continue
                 loss.backward()
@@ -398,11 +398,11 @@ class ModelWorker:
         return {**stats.state(), "lr": scheduler.get_last_lr()[0]}
 
     def _in_step(self, parts: Sequence[Experience], whole: Experience) -> list[tuple[Experience, bool]]:
-        """`parts` paired with True, then, under fsdp2, stand-ins (False: the first row of `whole`)
-        up to the most parts any replica runs: every replica's units must gather and reduce the
-        same number of times. Replicas whose shard is empty run stand-ins only."""
+        """`parts` paired with True, then, under ddp and fsdp2, stand-ins (False: the first row of
+        `whole`) up to the most parts any replica runs: every replica's units must gather and reduce
+        the same number of times. Replicas whose shard is empty run stand-ins only."""
         out = [(p, True) for p in parts]
-        if self.train_engine.sharded:
+        if self.train_engine.hooked:
             from align.engine import distributed
 
             count = distributed.all_max(len(out))

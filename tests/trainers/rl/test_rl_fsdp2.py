@@ -42,7 +42,10 @@ def test_sharded_rl_run_syncs_checkpoints_and_resumes(ray_cluster, tmp_path, alg
 
 
 def test_sharded_rl_refuses_generating_through_the_shards():
-    with pytest.raises(ConfigError, match=r"trainer\.strategy=fsdp2 shards the RL workers' model"):
+    with pytest.raises(ConfigError, match=r"trainer\.strategy=fsdp2 runs the RL workers' model as FSDP2 units"):
         compose(["algo=grpo", "trainer.strategy=fsdp2", "cluster.num_replicas=2", "rollout.merged_copy=false"])
     with pytest.raises(ConfigError, match=r"use LoRA with rollout\.merged_copy=true"):
         compose(["algo=grpo", "trainer.strategy=fsdp2", "cluster.num_replicas=2", "model.finetune=full"])
+    # ddp's replicas are whole, but their parameters are FSDP2 DTensors too
+    with pytest.raises(ConfigError, match=r"trainer\.strategy=ddp runs the RL workers' model as FSDP2 units"):
+        compose(["algo=grpo", "trainer.strategy=ddp", "cluster.num_replicas=2", "model.finetune=full"])
