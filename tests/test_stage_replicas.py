@@ -76,6 +76,7 @@ def _assert_same_run(a: Path, b: Path, step: int, tol: float = 1e-5, weight_tol:
     ("rm", "full", "ddp"),
     ("dpo", "lora", "fsdp2"),
     ("dpo", "full", "fsdp2"),
+    ("dpo", "lora", "ddp"),
     ("kto", "lora", "fsdp2"),
     ("sft", "lora", "hsdp"),  # fsdp2 over a 2 x 1 mesh: shards of one replica, replicated twice
 ])

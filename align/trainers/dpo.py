@@ -186,7 +186,7 @@ def precompute_reference(model, objective: "PreferenceObjective", groups: list[l
 
     def compute(m):
         # Replica r runs chunks r, r + N, ... of each group; one that runs out repeats the group's
-        # first chunk (and drops it), so every replica runs the same forwards (fsdp2: KTO's
+        # first chunk (and drops it), so every replica runs the same forwards (ddp, fsdp2: KTO's
         # held-out pairs and training examples take different passes). Then the parts are summed.
         rank, world = distributed.rank(), distributed.world_size()
         out, offset, runs = torch.zeros(2 * len(items)), 0, []  # two sequences per item
