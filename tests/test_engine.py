@@ -112,8 +112,12 @@ def _ddp_step(rank: int, world: int, strategy: str = "ddp") -> dict:
 
     with torch.no_grad():
         weights = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
+        with engine.gathered(model, writeback=True) as whole:  # as loading a checkpoint does
+            plain = not hasattr(whole.model.norm.weight, "device_mesh")
+            whole.model.norm.weight.fill_(2.0)
+    loaded = bool((full_tensor(model.model.norm.weight.detach()) == 2.0).all())
     return {"weights": weights, "grad_norm": grad_norm, "layout": layout, "hooked": engine.hooked,
-            "sharded": engine.sharded}
+            "sharded": engine.sharded, "gathered": (plain, loaded)}
 
 
 def test_ddp_replicas_sum_gradients_in_backward_and_stay_whole(tmp_path):
@@ -122,7 +126,8 @@ def test_ddp_replicas_sum_gradients_in_backward_and_stay_whole(tmp_path):
     NLL. FSDP2's backward hooks must sum the halves' gradients: both replicas end equal to one
     replica stepping on the whole batch, and unlike a replica stepping on its half alone (what a
     missing reduction would give). Every parameter stays whole on every replica (a DTensor whose
-    local tensor has the full shape), and the replicas started from rank 0's weights."""
+    local tensor has the full shape), the replicas started from rank 0's weights, and `gathered`
+    gives plain parameters whose writes go back into the DTensors."""
     import socket
 
     import torch.multiprocessing as mp
@@ -135,6 +140,7 @@ def test_ddp_replicas_sum_gradients_in_backward_and_stay_whole(tmp_path):
     whole, half = _ddp_step(0, 1), _ddp_step(0, 2, strategy="single")  # one replica: all rows; rank 0's rows only
 
     assert ranks[0]["hooked"] and not ranks[0]["sharded"]
+    assert ranks[0]["gathered"] == ranks[1]["gathered"] == (True, True)  # plain inside, written back
     layout = ranks[0]["layout"]
     assert len(layout) == len(ranks[0]["weights"])  # every parameter is FSDP2's ...
     assert all(local == full for local, full, _ in layout.values())  # ... and whole: memory per rank unsharded

@@ -199,7 +199,8 @@ class TrainEngine:
         a collective: every replica enters it), for what reads weights outside a forward: saving,
         exporting, building a merged rollout copy. `writeback`: what the block wrote into them
         (loading a checkpoint) goes back into the shards. Under ddp the whole values are the
-        local tensors (no copy); under single, the model as it is."""
+        local tensors themselves (no copy: writes land even without `writeback`); under single,
+        the model as it is."""
         if not self.hooked:
             yield model
             return
