@@ -131,8 +131,9 @@ class TrainerConfig:
 
     batch_size is the micro-batch; one optimizer step sees batch_size * grad_accum examples.
     resume: `auto` (continue from the newest checkpoint in output_dir if any), `never`, or a path.
-    precision: `fp32`, or `bf16-mixed` (bf16 compute under autocast over fp32 master weights and
-        fp32 optimizer state; align/engine). `model.dtype` is the weights' storage.
+    precision: `fp32`, or `bf16-mixed` (bf16 compute, by autocast under `single` and by FSDP2's
+        mixed-precision policy under ddp and fsdp2, over fp32 master weights and fp32 optimizer
+        state; align/engine). `model.dtype` is the weights' storage.
     optimizer: `adamw` (decay on >= 2-D weights only), or `sgd` (plain SGD at `lr`: a step is lr x
         the gradient, which tests that compare gradients through the weights rely on; Adam's
         first step is nearly lr x sign(g), blind to the gradient's scale).
