@@ -131,8 +131,9 @@ class TrainerConfig:
 
     batch_size is the micro-batch; one optimizer step sees batch_size * grad_accum examples.
     resume: `auto` (continue from the newest checkpoint in output_dir if any), `never`, or a path.
-    precision: `fp32`, or `bf16-mixed` (bf16 compute under autocast over fp32 master weights and
-        fp32 optimizer state; align/engine). `model.dtype` is the weights' storage.
+    precision: `fp32`, or `bf16-mixed` (bf16 compute, by autocast under `single` and by FSDP2's
+        mixed-precision policy under ddp and fsdp2, over fp32 master weights and fp32 optimizer
+        state; align/engine). `model.dtype` is the weights' storage.
     optimizer: `adamw` (decay on >= 2-D weights only), or `sgd` (plain SGD at `lr`: a step is lr x
         the gradient, which tests that compare gradients through the weights rely on; Adam's
         first step is nearly lr x sign(g), blind to the gradient's scale).
@@ -144,8 +145,8 @@ class TrainerConfig:
         groups its stages under its own name) and tags.
     strategy: how `cluster.num_replicas` replicas share the work (align/engine): `single` (one
         process holds everything: the CPU default, one replica), `ddp` (every replica holds the whole
-        model; gradients summed once per step) or `fsdp2` (parameters, gradients and optimizer state
-        sharded over the replicas with PyTorch FSDP2). Batch sizes are global: N replicas train on
+        model; FSDP2's backward hooks sum the gradients over the replicas) or `fsdp2` (parameters,
+        gradients and optimizer state sharded over the replicas with PyTorch FSDP2). Batch sizes are global: N replicas train on
         the same examples per step as one.
     fsdp_shard_size: fsdp2 only: shard over groups of this many replicas (e.g. the GPUs of a node),
         the groups replicating (hybrid sharding, HSDP, over a 2-D mesh); null: over all replicas.
@@ -785,16 +786,17 @@ class RunConfig:
             raise ConfigError("algo.precompute_reference=false with model.finetune=full keeps a frozen copy of the "
                               "policy as the reference, which trainer.strategy=fsdp2 does not shard: precompute the "
                               "reference (algo.precompute_reference=true, the default) or use LoRA")
-        if strategy == "fsdp2" and n > 1 and isinstance(self.algo, RLConfig) and self.rollout.backend == "hf" and (
+        if strategy != "single" and n > 1 and isinstance(self.algo, RLConfig) and self.rollout.backend == "hf" and (
                 not self.rollout.merged_copy or self.model.quantization is not None):
-            # The HF engine generates from a whole copy of the actor (LoRA merged in, or the fully
-            # fine-tuned weights), refreshed from the gathered shards at every sync (ModelWorker).
+            # ddp and fsdp2 run the model as FSDP2 units (DTensor parameters gathered only inside the
+            # engine's forward): the HF engine generates from a whole copy of the actor (LoRA merged in,
+            # or the fully fine-tuned weights), refreshed from the gathered weights at every sync.
             why = ("rollout.merged_copy=false" if not self.rollout.merged_copy else
                    f"model.quantization={self.model.quantization} (no merged copy of a quantized base)")
-            raise ConfigError(f"trainer.strategy=fsdp2 shards the RL workers' model, and with {why} the HF rollout "
-                              "engine would generate through the shards token by token: set rollout.merged_copy=true "
-                              "(a whole copy of the actor generates, refreshed from the gathered weights at each "
-                              "sync; the default) on an unquantized model, or rollout=vllm")
+            raise ConfigError(f"trainer.strategy={strategy} runs the RL workers' model as FSDP2 units, and with {why} "
+                              "the HF rollout engine would generate through them token by token: set "
+                              "rollout.merged_copy=true (a whole copy of the actor generates, refreshed from the "
+                              "gathered weights at each sync; the default) on an unquantized model, or rollout=vllm")
         if n > 1 and name in ("sft", "rm", "dpo") and self.trainer.batch_size % n:
             raise ConfigError(f"trainer.batch_size={self.trainer.batch_size} must be a multiple of "
                               f"cluster.num_replicas={n}: each replica takes an equal share of every micro-batch")

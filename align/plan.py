@@ -41,11 +41,12 @@ attention, keeps no (T, T) score matrix.) Gradient checkpointing (Chen et al., a
 keeps each layer's input, h per token and layer, and recomputes one layer at a time.
 
 Sharding (`trainer.strategy`, align/engine): `single` holds a whole replica; `ddp` replicates
-everything and adds a flat buffer of the gradients' size for the all-reduce (as
-torch.nn.parallel.DistributedDataParallel's gradient buckets); `fsdp2` (FSDP / ZeRO-3) divides
-parameters, gradients and optimizer state by the world size and gathers one layer's parameters at a
-time (PyTorch FSDP2 `fully_shard` docs; ZeRO Sec. 5.3, Pos+g+p: (2 + 2 + K) * params / N_d; veRL's
-FSDP workers do the same). `trainer.check_memory` (warn | strict | off) runs this plan at start-up.
+everything (FSDP2 units over shards of one replica: no whole-model gradient bucket, each unit's
+gradients are staged and all-reduced as its backward ends, and a unit's parameters are copied into
+a compute buffer for its forward and backward, one layer at a time, as fsdp2 gathers); `fsdp2`
+(FSDP / ZeRO-3) divides parameters, gradients and optimizer state by the world size and gathers one
+layer's parameters at a time (PyTorch FSDP2 `fully_shard` docs; ZeRO Sec. 5.3, Pos+g+p:
+(2 + 2 + K) * params / N_d; veRL's FSDP workers do the same). `trainer.check_memory` (warn | strict | off) runs this plan at start-up.
 
 FLOPs: 6 N per trained token (Kaplan et al., arXiv:2001.08361, Sec. 2.1: 2 N forward, 4 N
 backward) plus the attention term 6 * layers * context * hidden; 2 N per token of inference; LoRA
@@ -285,10 +286,8 @@ def _model_process(s: Setup, shape: ModelShape, name: str, roles: tuple, *, roll
     parts["weights"] = weights // shard
     parts["gradients"] = trainable * trainable_bytes // shard
     parts["optimizer state"] = 2 * trainable * trainable_bytes // shard
-    if s.strategy == "ddp":
-        parts["gradients"] *= 2  # DDP's gradient buckets (without gradient_as_bucket_view)
-    if s.strategy == "fsdp2" and s.world > 1:
-        parts["weights"] += (copies * n * b) // max(shape.layers, 1)  # one layer all-gathered
+    if s.strategy in ("ddp", "fsdp2") and s.world > 1:
+        parts["weights"] += (copies * n * b) // max(shape.layers, 1)  # one layer gathered (ddp: copied)
 
     act_b = b  # activations are in the compute dtype
     rows = s.micro_batch * (2 if s.algo in ("dpo", "rm") else 1)  # a pair is two sequences

@@ -70,3 +70,84 @@ def test_pure_bf16_full_finetuning_is_refused_and_bf16_mixed_is_not():
     compose(["algo=sft", "model.dtype=bfloat16", "model.finetune=lora"])  # a bf16 base under fp32 adapters
     with pytest.raises(ConfigError, match="trainer.precision"):
         compose(["algo=sft", "trainer.precision=fp16"])
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One ddp replica: a tiny Llama (its decoder layers FSDP2 units), rank r's half of the batch,
+    one SGD step on its share of the whole batch's mean token NLL; writes what it ended with."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(_ddp_step(rank, world), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_step(rank: int, world: int, strategy: str = "ddp") -> dict:
+    """rows [rank::world] of a fixed 4 x 12 batch; returns the weights after one SGD step (whole),
+    the gradient norm, and, per parameter, (local shape, global shape, placements) when hooked."""
+    from align.models import build_tiny_llama
+
+    model = build_tiny_llama(seed=0).train()
+    model.model.embed_tokens.weight.data.add_(0.01 * rank)  # ddp's prepare broadcasts rank 0's weights
+    engine = TrainEngine("fp32", "cpu", strategy=strategy if world > 1 else "single")
+    engine.prepare(model)
+    layout = {n: (tuple(p.to_local().shape), tuple(p.shape), tuple(repr(x) for x in p.placements))
+              for n, p in model.named_parameters() if hasattr(p, "to_local")}
+    ids = torch.randint(0, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(1))
+    mine = ids[rank::world]
+
+    def nll(model, ids):
+        logits = model(input_ids=ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                 reduction="sum")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    (engine.forward(nll, model, mine) / (ids.shape[0] * (ids.shape[1] - 1))).backward()  # its share of the mean
+    grad_norm = engine.step(params, optimizer, max_grad_norm=None)
+    from align.engine import full_tensor
+
+    with torch.no_grad():
+        weights = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
+        with engine.gathered(model, writeback=True) as whole:  # as loading a checkpoint does
+            plain = not hasattr(whole.model.norm.weight, "device_mesh")
+            whole.model.norm.weight.fill_(2.0)
+    loaded = bool((full_tensor(model.model.norm.weight.detach()) == 2.0).all())
+    return {"weights": weights, "grad_norm": grad_norm, "layout": layout, "hooked": engine.hooked,
+            "sharded": engine.sharded, "gathered": (plain, loaded)}
+
+
+def test_ddp_replicas_sum_gradients_in_backward_and_stay_whole(tmp_path):
+    """2 ddp replicas (gloo, spawned), each on half of a 4-row batch, take one SGD step (lr 1,
+    no clipping: the weight change is the gradient) on their share of the whole batch's mean
+    NLL. FSDP2's backward hooks must sum the halves' gradients: both replicas end equal to one
+    replica stepping on the whole batch, and unlike a replica stepping on its half alone (what a
+    missing reduction would give). Every parameter stays whole on every replica (a DTensor whose
+    local tensor has the full shape), the replicas started from rank 0's weights, and `gathered`
+    gives plain parameters whose writes go back into the DTensors."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    whole, half = _ddp_step(0, 1), _ddp_step(0, 2, strategy="single")  # one replica: all rows; rank 0's rows only
+
+    assert ranks[0]["hooked"] and not ranks[0]["sharded"]
+    assert ranks[0]["gathered"] == ranks[1]["gathered"] == (True, True)  # plain inside, written back
+    layout = ranks[0]["layout"]
+    assert len(layout) == len(ranks[0]["weights"])  # every parameter is FSDP2's ...
+    assert all(local == full for local, full, _ in layout.values())  # ... and whole: memory per rank unsharded
+    assert {placements for *_, placements in layout.values()} == {("Replicate()", "Shard(dim=0)")}, layout
+    for name, w in whole["weights"].items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), f"{name}: replicas diverged"
+        torch.testing.assert_close(ranks[0]["weights"][name], w, atol=1e-6, rtol=1e-5, msg=name)
+    assert ranks[0]["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+    moved = max(float((half["weights"][n] - w).abs().max()) for n, w in whole["weights"].items())
+    assert moved > 1e-3  # rank 0's half alone steps elsewhere: the sum over the replicas is what matched

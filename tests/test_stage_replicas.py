@@ -77,6 +77,7 @@ def _assert_same_run(a: Path, b: Path, step: int, tol: float = 1e-5, weight_tol:
     ("rm", "full", "ddp"),
     ("dpo", "lora", "fsdp2"),
     ("dpo", "full", "fsdp2"),
+    ("dpo", "lora", "ddp"),
     ("kto", "lora", "fsdp2"),
     ("sft", "lora", "hsdp"),  # fsdp2 over a 2 x 1 mesh: shards of one replica, replicated twice
 ])
@@ -92,13 +93,14 @@ def test_two_replicas_equal_one_on_the_whole_batch(tmp_path, one_thread, stage, 
     assert len(read_metrics(tmp_path / "two")) == len(read_metrics(tmp_path / "one"))
 
 
-def test_fsdp2_bf16_mixed_tracks_fp32(tmp_path, one_thread):
-    # Under fsdp2, bf16-mixed is FSDP2's policy (bf16 gathered parameters, fp32 masters, fp32
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_bf16_mixed_replicas_track_fp32(tmp_path, one_thread, strategy):
+    # Under fsdp2 and ddp, bf16-mixed is FSDP2's policy (bf16 gathered parameters, fp32 masters, fp32
     # reductions): its losses track the fp32 run's within 2% over 6 steps, and it trains.
     overrides = ["algo=sft", "model.finetune=full", "trainer.max_steps=6", "trainer.save_every=6", "trainer.eval_every=6",
                  "trainer.optimizer=adamw", "trainer.lr=2e-3"]
     _single(tmp_path / "fp32", overrides)
-    run_replicas([*COMMON, *overrides, "trainer.precision=bf16-mixed", "trainer.strategy=fsdp2",
+    run_replicas([*COMMON, *overrides, "trainer.precision=bf16-mixed", f"trainer.strategy={strategy}",
                   "cluster.num_replicas=2", f"output_dir={tmp_path / 'bf16'}"])
     fp32, bf16 = ([r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("fp32", "bf16"))
     assert len(fp32) == len(bf16) == 6

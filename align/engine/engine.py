@@ -1,33 +1,41 @@
 """`TrainEngine`: the data-parallel strategy, precision, gradient reduction, clipping and the step.
 
     engine = TrainEngine(precision="bf16-mixed", device="cuda", strategy="fsdp2")
-    engine.prepare(model)                  # fp32 master weights; under fsdp2, the model is sharded
-    with engine.autocast():                # compute precision (a no-op under fsdp2: its policy casts)
+    engine.prepare(model)                  # fp32 master weights; under ddp/fsdp2, FSDP2 units
+    with engine.autocast():                # compute precision (a no-op under ddp/fsdp2: their policy casts)
         loss = engine.forward(token_nll, model, batch)[0].sum()   # any function of the model
     loss.backward()
-    grad_norm = engine.step(params, optimizer, max_grad_norm)   # reduce, clip, step
+    grad_norm = engine.step(params, optimizer, max_grad_norm)   # clip, step (backward reduced)
 
 Strategy (`trainer.strategy`; torchtitan and veRL's FSDP workers are the models):
 - `single`: one process holds the whole model (the CPU default). No process group.
-- `ddp`: every replica holds the whole model, gradients and optimizer state; after the step's
-  micro-batches the gradients are SUMmed over the replicas, one coalesced all-reduce per dtype
-  (DDP with `no_sync` over the accumulation, reduced once). Replicas may run different numbers
-  of micro-batches and forward paths, since nothing is hooked into the forward.
+- `ddp`: every replica holds the whole model, gradients and optimizer state. It runs on FSDP2's
+  machinery with shards of one: `fully_shard` over a 2-D (replicas, 1) DeviceMesh, i.e. hybrid
+  sharding (below) whose shard groups are single replicas, so nothing is divided and each unit's
+  gradients are all-reduced (SUMmed) over the replicas by FSDP2's backward hooks as soon as that
+  unit's backward ends, overlapping the rest of the backward (the per-bucket all-reduce of
+  torch's DistributedDataParallel). Parameters are DTensors whose local tensor is the whole
+  parameter (placements Replicate, Shard(0) over a mesh dimension of size 1). torch's
+  `replicate` (torch.distributed._composable.replicate_with_fsdp) does the same reduction but
+  keeps a copy of every unit's parameters from its forward to its backward (no resharding after
+  forward); shards of one copy one unit at a time, as fsdp2 gathers.
 - `fsdp2`: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard` over a 1-D DeviceMesh; Zhao et
   al. 2023, "PyTorch FSDP", https://arxiv.org/abs/2304.11277). With `shard_size` (trainer.
   fsdp_shard_size) smaller than the replicas, hybrid sharding over a 2-D mesh: each group of
-  `shard_size` replicas (a node, say) shards, the groups replicate and all-reduce (HSDP). Each decoder layer (the model's
-  `_no_split_modules`, as veRL's wrap policy) is one unit, and a root unit over the whole model
-  holds the rest (embeddings, final norm, LM head, value and score heads). Parameters, gradients
-  and optimizer state are sharded on dim 0; a unit's parameters are all-gathered for its forward
-  and backward, and its gradients reduce-scattered (summed: the loss is already each replica's
-  share of the step's, see below). Every computation on the model goes through
-  `engine.forward(fn, ...)`, which runs `fn` inside the root unit's forward so that the root's
-  parameters are gathered even when `fn` reaches past `model.forward` (our chunked LM-head
-  log-probs read the head's weight directly). Hook-based sharding needs every replica to run
-  the same units the same number of times: the trainers give every replica the same number of
-  micro-batches (`align.engine.distributed.all_max`), and forward passes on empty shards are
-  not allowed.
+  `shard_size` replicas (a node, say) shards, the groups replicate and all-reduce (HSDP).
+  Parameters, gradients and optimizer state are sharded on dim 0; a unit's parameters are
+  all-gathered for its forward and backward, and its gradients reduce-scattered.
+
+Under both (`TrainEngine.hooked`), each decoder layer (the model's `_no_split_modules`, as veRL's
+wrap policy) is one unit, and a root unit over the whole model holds the rest (embeddings, final
+norm, LM head, value and score heads); gradients are summed, never averaged (the loss is already
+each replica's share of the step's, see below). Every computation on the model goes through
+`engine.forward(fn, ...)`, which runs `fn` inside the root unit's forward so that the root's
+parameters are gathered even when `fn` reaches past `model.forward` (our chunked LM-head
+log-probs read the head's weight directly). Hook-based reduction needs every replica to run the
+same units the same number of times: the trainers give every replica the same number of
+micro-batches (`align.engine.distributed.all_max`) and the same decoder passes, and forward
+passes on empty shards are not allowed.
 
 Precision (`trainer.precision`):
 - `fp32`: compute in the weights' dtype. A trainable weight stored in bf16/fp16 would be
@@ -35,8 +43,8 @@ Precision (`trainer.precision`):
   "Mixed Precision Training", https://arxiv.org/abs/1710.03740, Sec. 3.1), so the config refuses
   full fine-tuning of a half-precision `model.dtype` at fp32 (`align.config`).
 - `bf16-mixed`: trainable weights (and so AdamW's moments and the gradients) are fp32 master
-  copies. Unsharded, the forward runs under `torch.autocast(bfloat16)`: matmuls in bf16,
-  reductions and norms in fp32. Under fsdp2 it is FSDP2's `MixedPrecisionPolicy`
+  copies. Under `single`, the forward runs under `torch.autocast(bfloat16)`: matmuls in bf16,
+  reductions and norms in fp32. Under ddp and fsdp2 it is FSDP2's `MixedPrecisionPolicy`
   (param_dtype=bf16, reduce_dtype=fp32): the gathered parameters are bf16 copies of the fp32
   shards and gradients are reduced in fp32. Frozen weights (a LoRA base) stay in `model.dtype`,
   their storage dtype. No loss scaling: bf16 has fp32's exponent range.
@@ -59,7 +67,7 @@ STRATEGIES = ("single", "ddp", "fsdp2")
 
 
 class _Root(nn.Module):
-    """The fsdp2 root unit: owns the model, and its forward runs any function of it, so that the
+    """The ddp/fsdp2 root unit: owns the model, and its forward runs any function of it, so that the
     root's parameters are gathered for the function's duration (and its gradients reduced after
     the backward that follows)."""
 
@@ -106,14 +114,22 @@ class TrainEngine:
 
     @property
     def sharded(self) -> bool:
+        """Whether parameters, gradients and optimizer state are divided over the replicas (fsdp2)."""
         return self.strategy == "fsdp2"
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the model runs as FSDP2 units whose backward hooks reduce the gradients (ddp,
+        fsdp2 with a process group): every replica must then run the same units the same number
+        of times, parameters are DTensors, and the precision policy is FSDP2's."""
+        return self.strategy in ("ddp", "fsdp2")
 
     # ---- set-up ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
         """Apply activation checkpointing (every decoder layer wrapped), the precision policy (under
         bf16-mixed every trainable parameter becomes an fp32 master weight) and the strategy (ddp:
-        replicas start from rank 0's weights; fsdp2: shard), in place, before the optimizer is
-        built. Returns the model."""
+        replicas start from rank 0's weights, then whole FSDP2 units; fsdp2: sharded units), in
+        place, before the optimizer is built. Returns the model."""
         if self.activation_checkpointing:
             from align.models.checkpointing import enable_activation_checkpointing
 
@@ -128,7 +144,7 @@ class TrainEngine:
             with torch.no_grad():
                 for t in list(model.parameters()) + list(model.buffers()):
                     dist.broadcast(t.data, src=0)
-        if self.strategy == "fsdp2":
+        if self.hooked:
             self._root = self._shard(model)
         return model
 
@@ -136,10 +152,11 @@ class TrainEngine:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if self.shard_size == self.world_size:  # full shard over every replica
+        shard = self.shard_size if self.sharded else 1  # ddp: shards of one replica, whole
+        if shard == self.world_size and self.sharded:  # full shard over every replica
             mesh = init_device_mesh(self.device_type, (self.world_size,))
-        else:  # hybrid: shards within groups of shard_size replicas, the groups replicate (HSDP)
-            mesh = init_device_mesh(self.device_type, (self.world_size // self.shard_size, self.shard_size),
+        else:  # hybrid: shards within groups of `shard` replicas, the groups replicate (HSDP; ddp)
+            mesh = init_device_mesh(self.device_type, (self.world_size // shard, shard),
                                     mesh_dim_names=("replicate", "shard"))
         kw: dict[str, Any] = {"mesh": mesh}
         if self.precision == "bf16-mixed":
@@ -158,9 +175,9 @@ class TrainEngine:
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        """The forward's compute precision: bf16 autocast under bf16-mixed (unsharded), nothing
-        under fp32 or fsdp2 (whose mixed-precision policy gathers bf16 parameters)."""
-        if self.precision == "bf16-mixed" and not self.sharded:
+        """The forward's compute precision: bf16 autocast under bf16-mixed (single), nothing under
+        fp32, ddp or fsdp2 (whose mixed-precision policy gathers bf16 parameters)."""
+        if self.precision == "bf16-mixed" and not self.hooked:
             with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
                 yield
         else:
@@ -168,7 +185,7 @@ class TrainEngine:
 
     def forward(self, fn: Callable[..., Any], *args, **kwargs):
         """`fn(*args, **kwargs)`, a computation on the prepared model: inside the root unit's
-        forward under fsdp2 (see the module docstring), a plain call otherwise."""
+        forward under ddp and fsdp2 (see the module docstring), a plain call otherwise."""
         if self._root is None:
             return fn(*args, **kwargs)
         out = self._root(fn, *args, **kwargs)
@@ -181,8 +198,10 @@ class TrainEngine:
         """`model` with whole parameters for the duration (fp32 masters gathered from their shards;
         a collective: every replica enters it), for what reads weights outside a forward: saving,
         exporting, building a merged rollout copy. `writeback`: what the block wrote into them
-        (loading a checkpoint) goes back into the shards. Unsharded: the model as it is."""
-        if not self.sharded:
+        (loading a checkpoint) goes back into the shards. Under ddp the whole values are the
+        local tensors themselves (no copy: writes land even without `writeback`); under single,
+        the model as it is."""
+        if not self.hooked:
             yield model
             return
         swaps, whole, hooks = [], {}, []
@@ -195,7 +214,7 @@ class TrainEngine:
             for name, p in list(module._parameters.items()):
                 if p is not None and hasattr(p, "full_tensor"):
                     if id(p) not in whole:  # tied weights stay tied
-                        whole[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+                        whole[id(p)] = nn.Parameter(full_tensor(p.detach()), requires_grad=p.requires_grad)
                     swaps.append((module, name, p))
                     module._parameters[name] = whole[id(p)]
         try:
@@ -212,13 +231,11 @@ class TrainEngine:
     # ---- the step ----------------------------------------------------------------------------
     def step(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
              max_grad_norm: float | None) -> float:
-        """Sum the gradients over the replicas (ddp here; fsdp2 did it in backward), clip them to
+        """Clip the gradients (summed over the replicas in backward under ddp and fsdp2) to
         `max_grad_norm` (0 or None: no clipping, the norm is still returned), step the optimizer
         and clear the gradients. Returns the total gradient norm before clipping."""
         params = list(params)
-        if self.strategy == "ddp":
-            self.reduce_gradients(params)
-        if self.sharded:  # a unit whose forward ran on no replica this step leaves no gradient
+        if self.hooked:  # a unit whose forward ran on no replica this step leaves no gradient
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -226,27 +243,6 @@ class TrainEngine:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return _scalar(grad_norm)
-
-    def reduce_gradients(self, params: Sequence[nn.Parameter]) -> None:
-        """SUM each gradient over the replicas (missing gradients count as zeros): one flat
-        buffer per dtype, one all-reduce each."""
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            by_dtype.setdefault(p.grad.dtype, []).append(p)
-        for group in by_dtype.values():
-            flat = torch.cat([p.grad.reshape(-1) for p in group])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in group:
-                n = p.numel()
-                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-                offset += n
 
 
 def _scalar(t: torch.Tensor) -> float:
@@ -257,8 +253,13 @@ def _scalar(t: torch.Tensor) -> float:
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A parameter's whole value: gathered from the replicas when it is a shard (a collective:
-    every replica calls it, in the same order), itself otherwise."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    every replica calls it, in the same order); its local tensor when that is already whole (ddp's
+    shards of one); itself when it is no DTensor."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    if all(p.is_replicate() or (p.is_shard() and t.device_mesh.size(i) == 1) for i, p in enumerate(t.placements)):
+        return t.to_local()
+    return t.full_tensor()
 
 
 def load_full_tensor(param: torch.Tensor, value: torch.Tensor) -> None:

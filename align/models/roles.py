@@ -334,8 +334,8 @@ class RoleModel(nn.Module):
     # Padding-free passes (`trainer.max_tokens_per_micro` set): a batch's sequences packed into
     # rows with restarting position ids (`unpad`); set by the trainer or worker that owns the model.
     packed: bool = False
-    # fsdp2 replicas must run the same decoder passes: `response_log_probs` then takes the shared-prompt
-    # pass whatever the rows (set by the worker's engine when sharded)
+    # ddp/fsdp2 replicas must run the same decoder passes: `response_log_probs` then takes the
+    # shared-prompt pass whatever the rows (set by the worker's engine when its hooks reduce gradients)
     same_passes: bool = False
     multi_role_modes: tuple[str, ...] = ("separate",)
     value_head: nn.Linear | None

@@ -141,7 +141,7 @@ def replica_micro_batches(batches: list[list[T]], max_tokens: int | None, length
     """This data-parallel replica's micro-batches of one optimizer step: its share of each of the
     step's `batches` (the same draws on every replica, `align.engine.distributed.shard_range`),
     cut as `step_micro_batches` does. Under token budgets the replicas agree on one count (the
-    largest any needs: hook-based sharding runs every replica's units in step), as veRL does."""
+    largest any needs: ddp's and fsdp2's backward hooks run every replica's units in step), as veRL does."""
     from align.engine import distributed
 
     mine = [[b[i] for i in distributed.shard_range(len(b))] for b in batches]

@@ -186,7 +186,7 @@ def precompute_reference(model, objective: "PreferenceObjective", groups: list[l
 
     def compute(m):
         # Replica r runs chunks r, r + N, ... of each group; one that runs out repeats the group's
-        # first chunk (and drops it), so every replica runs the same forwards (fsdp2: KTO's
+        # first chunk (and drops it), so every replica runs the same forwards (ddp, fsdp2: KTO's
         # held-out pairs and training examples take different passes). Then the parts are summed.
         rank, world = distributed.rank(), distributed.world_size()
         out, offset, runs = torch.zeros(2 * len(items)), 0, []  # two sequences per item
@@ -318,7 +318,7 @@ class PreferenceObjective:
     def __init__(self, algo: DPOConfig, reference: OnlineReference | None, packed: bool = False, forward=None):
         self.algo, self.reference, self.packed = algo, reference, packed
         # How a computation on the model runs: `TrainEngine.forward` (inside FSDP2's root unit
-        # when sharded), a plain call by default.
+        # under ddp and fsdp2), a plain call by default.
         self.forward = forward or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
         self.loss_fn = PREFERENCE_LOSSES.get(algo.loss)
         self.options = loss_options(algo, self.loss_fn)
@@ -333,7 +333,7 @@ class PreferenceObjective:
         share_prompt the batch takes whichever of the two computes fewer positions."""
         if isinstance(batch, PairBatch):
             shared, packed = shared_prompt_cost(batch.prompt_mask, batch.response_mask, k=2)
-            same_passes = distributed.world_size() > 1  # replicas (fsdp2) must run the same decoder passes
+            same_passes = distributed.world_size() > 1  # replicas (ddp, fsdp2) must run the same decoder passes
             if self.algo.share_prompt and (not self.packed or same_passes or shared <= packed):
                 return self.forward(shared_prompt_logps, model, **batch.tensors, k=2)
             return self.forward(concatenated_logps, model, **batch.tensors, k=2, packed=self.packed)

@@ -181,9 +181,10 @@ class ModelWorker:
     @property
     def _full_actor_copy(self) -> bool:
         """Whether the HF engine generates from a whole copy of a fully fine-tuned actor
-        (`rollout.merged_copy` under fsdp2 replicas, as veRL's rollout holds its own weights).
-        Unsharded (single, ddp) the engine runs on the actor itself: nothing to copy or sync."""
-        return self.spec.merged_rollout and not self.model.is_lora and self.train_engine.sharded
+        (`rollout.merged_copy` under ddp or fsdp2 replicas, whose FSDP2 units hold DTensor
+        parameters gathered only inside the engine's forward; as veRL's rollout holds its own
+        weights). One replica (`single`) generates on the actor itself: nothing to copy or sync."""
+        return self.spec.merged_rollout and not self.model.is_lora and self.train_engine.hooked
 
     def _prepare_training(self) -> None:
         """The engine's strategy and precision on the model, then each trainable role's optimizer."""
@@ -191,7 +192,7 @@ class ModelWorker:
 
         spec = self.spec
         self.train_engine.prepare(self.model)
-        self.model.same_passes = self.train_engine.sharded
+        self.model.same_passes = self.train_engine.hooked
         for role in ("actor", "critic"):
             if role in self.model.roles:
                 tcfg = spec.trainer
@@ -396,7 +397,7 @@ class ModelWorker:
             for micro, real in self._in_step([mb.select(rows) for rows in cuts], mb):
                 micro = micro.trim().to(self.device)
                 loss, parts, means = micro_loss(micro, normaliser)
-                if not real:  # a stand-in keeping fsdp2 replicas in step: no gradient, nothing logged
+                if not real:  # a stand-in keeping hooked replicas in step: no gradient, nothing logged
                     (loss * 0).backward()
                     continue
                 loss.backward()
@@ -410,11 +411,11 @@ class ModelWorker:
         return {**stats.state(), "lr": scheduler.get_last_lr()[0]}
 
     def _in_step(self, parts: Sequence[Experience], whole: Experience) -> list[tuple[Experience, bool]]:
-        """`parts` paired with True, then, under fsdp2, stand-ins (False: the first row of `whole`)
-        up to the most parts any replica runs: every replica's units must gather and reduce the
-        same number of times. Replicas whose shard is empty run stand-ins only."""
+        """`parts` paired with True, then, under ddp and fsdp2, stand-ins (False: the first row of
+        `whole`) up to the most parts any replica runs: every replica's units must gather and reduce
+        the same number of times. Replicas whose shard is empty run stand-ins only."""
         out = [(p, True) for p in parts]
-        if self.train_engine.sharded:
+        if self.train_engine.hooked:
             from align.engine import distributed
 
             count = distributed.all_max(len(out))

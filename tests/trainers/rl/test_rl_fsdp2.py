@@ -80,8 +80,8 @@ def _critic_tensors(worker: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_sharded_full_fine_tuning_equals_one_replica(ray_cluster, tmp_path, algo):
+@pytest.mark.parametrize("algo,strategy", [("grpo", "fsdp2"), ("ppo", "fsdp2"), ("grpo", "ddp")])
+def test_sharded_full_fine_tuning_equals_one_replica(ray_cluster, tmp_path, algo, strategy):
     """2 iterations of full fine-tuning: one replica (`single`: the HF engine samples from the
     actor itself) against 2 fsdp2 replicas (each generates from its whole rollout copy, rebuilt
     from the gathered shards at every sync; the reference and critic are sharded too). One prompt
@@ -94,7 +94,7 @@ def test_sharded_full_fine_tuning_equals_one_replica(ray_cluster, tmp_path, algo
 
     runs = {}
     for name, extra in {"one": ["trainer.strategy=single", "cluster.num_replicas=1"],
-                        "two": ["trainer.strategy=fsdp2", "cluster.num_replicas=2"]}.items():
+                        "two": [f"trainer.strategy={strategy}", "cluster.num_replicas=2"]}.items():
         out = tmp_path / name
         cfg, raw = compose([f"algo={algo}", *FULL, *extra, f"cluster.address={ray_cluster}", f"output_dir={out}"])
         assert cfg.model.finetune == "full"
@@ -125,19 +125,21 @@ def test_sharded_full_fine_tuning_equals_one_replica(ray_cluster, tmp_path, algo
 
 
 def test_sharded_rl_refuses_generating_through_the_shards():
-    """Under fsdp2 the HF engine generates from a whole copy of the actor (LoRA merged in, or the
-    fully fine-tuned weights); without it (or with a quantized base, which cannot be merged) it
-    would gather the shards for every token, so the config refuses, naming the keys."""
-    for finetune in ("lora", "full"):
-        with pytest.raises(ConfigError, match=r"trainer\.strategy=fsdp2 shards the RL workers' model, and with "
-                                              r"rollout\.merged_copy=false"):
-            compose(["algo=grpo", "trainer.strategy=fsdp2", "cluster.num_replicas=2", "rollout.merged_copy=false",
-                     f"model.finetune={finetune}"])
+    """Under ddp and fsdp2 (FSDP2 units) the HF engine generates from a whole copy of the actor
+    (LoRA merged in, or the fully fine-tuned weights); without it (or with a quantized base, which
+    cannot be merged) it would gather the units for every token, so the config refuses, naming the keys."""
+    for strategy in ("fsdp2", "ddp"):
+        for finetune in ("lora", "full"):
+            with pytest.raises(ConfigError, match=rf"trainer\.strategy={strategy} runs the RL workers' model as FSDP2 "
+                                                  r"units, and with rollout\.merged_copy=false"):
+                compose(["algo=grpo", f"trainer.strategy={strategy}", "cluster.num_replicas=2",
+                         "rollout.merged_copy=false", f"model.finetune={finetune}"])
     with pytest.raises(ConfigError, match=r"model\.quantization=nf4"):
         compose(["algo=ppo", "trainer.strategy=fsdp2", "cluster.num_replicas=2", "model.quantization=nf4"])
-    for algo in ("grpo", "ppo"):  # full fine-tuning: the rollout copy (the default) generates
-        cfg, _ = compose([f"algo={algo}", "model=stories260k", "trainer.strategy=fsdp2", "cluster.num_replicas=2"])
-        assert cfg.model.finetune == "full" and cfg.rollout.merged_copy
-    # unsharded replicas (ddp) and vLLM need no copy: nothing refused
-    compose(["algo=grpo", "trainer.strategy=ddp", "cluster.num_replicas=2", "rollout.merged_copy=false"])
+    for strategy in ("fsdp2", "ddp"):  # full fine-tuning: the rollout copy (the default) generates
+        for algo in ("grpo", "ppo"):
+            cfg, _ = compose([f"algo={algo}", "model=stories260k", f"trainer.strategy={strategy}", "cluster.num_replicas=2"])
+            assert cfg.model.finetune == "full" and cfg.rollout.merged_copy
+    # one replica and vLLM need no copy: nothing refused
+    compose(["algo=grpo", "cluster.num_replicas=1", "rollout.merged_copy=false", "model=stories260k"])
     compose(["algo=grpo", "trainer.strategy=fsdp2", "cluster.num_replicas=2", "rollout=vllm", "rollout.merged_copy=false"])
