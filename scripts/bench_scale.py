@@ -19,9 +19,9 @@ sequence, so its peak ratio stays at 0.89 for one sequence and 0.76 for two (REA
 (deep and narrow: 30 layers of width 576, a 49k vocabulary) holds 2.0 GiB of state, and its
 activations outweigh that once a micro-batch has a few sequences. Measured, peak above imports
 off -> on: one 1,024-token sequence 3.46 -> 2.68 GiB (0.77); four, a common SFT micro-batch,
-9.00 -> 4.62 GiB (0.51), under the issue's 0.6 target with margin. 4 also splits evenly over the
-fsdp2 section's 2 ranks. A full default run took 22 minutes on a shared, loaded 2-core machine
-(`--batch 8` would double the compute).
+9.00 -> 4.62 GiB (0.51; 0.54 in a second run), under the issue's 0.6 target with margin. 4 also
+splits evenly over the fsdp2 section's 2 ranks. A full default run took 17-22 minutes on a shared,
+loaded 2-core machine (`--batch 8` would double the compute).
 
 Each configuration runs in a fresh process (peak RSS is a process high-water mark):
 1. imports, then `baseline` = VmRSS;
