@@ -463,26 +463,17 @@ def _check_fit(plan: Plan) -> None:
         plan.fixes.append(f"together: {' '.join(chosen)}: {_gib(need)} ({verdict})")
 
 
-def _missing(key: str) -> str:
-    """' (not in this build yet)' for a trainer key this build's TrainerConfig lacks."""
-    from dataclasses import fields
-
-    from align.config import TrainerConfig
-
-    return "" if key in {f.name for f in fields(TrainerConfig)} else " (not in this build yet)"
-
-
 def _fix_candidates(s: Setup) -> list:
     """(override, Setup) for each knob that lowers memory."""
     out = []
     if s.finetune == "full":
         out.append(("model.finetune=lora", replace(s, finetune="lora")))
     if not s.checkpointing:
-        out.append(("trainer.gradient_checkpointing=true" + _missing("gradient_checkpointing"),
+        out.append(("trainer.gradient_checkpointing=true",
                     replace(s, checkpointing=True)))
     if s.strategy != "fsdp2":
         for world in (max(s.world, 2), max(s.world, 8)):
-            out.append((f"trainer.strategy=fsdp2{_missing('strategy')} cluster.num_replicas={world}",
+            out.append((f"trainer.strategy=fsdp2 cluster.num_replicas={world}",
                         replace(s, strategy="fsdp2", world=world)))
     rl = s.algo in ("grpo", "ppo")
     if s.max_tokens and s.max_tokens > s.seq_len * 2:  # a packed micro-batch is cut by its token budget
