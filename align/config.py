@@ -257,7 +257,11 @@ class RolloutConfig:
     a weight update that arrives while a batch is being generated is loaded between two decode
     steps, and the rest of the batch is generated under the new weights (the KV cache of the
     tokens before stays as it was computed); each token records its version
-    (`Experience.token_versions`) and a row counts as old as its first token.
+    (`Experience.token_versions`) and a row counts as old as its first token. producer_reference:
+    with `async`, each rollout worker also computes the reference log-probs of the batch it has
+    just generated (the reference never changes, so they need no policy version), which takes that
+    forward pass off the trainer's step, as OpenRLHF's asynchronous experience maker does; false
+    leaves it to the trainer, which is better when generation alone already bounds the step.
     """
 
     backend: str = "hf"
@@ -274,6 +278,7 @@ class RolloutConfig:
     mode: str = "sync"
     max_staleness: int = 1
     partial_rollouts: bool = False
+    producer_reference: bool = True
 
     def __post_init__(self):
         _one_of("rollout.backend", self.backend, ("hf", "vllm"))

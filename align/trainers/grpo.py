@@ -73,7 +73,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
                 batch = filter_zero_variance_groups(batch)
                 metrics["filtered_frac"] = 1.0 - len(batch) / (len(items) * algo.num_generations)
             # 5. Reference log-probs (and old log-probs when the update is off-policy): one fused pass.
-            roles = (("reference",) if algo.kl_coef > 0 else ()) + (("actor",) if run.recompute_old_logp(len(batch)) else ())
+            # (async with rollout.producer_reference: the rollout worker has added the reference's.)
+            reference = algo.kl_coef > 0 and batch.ref_logp is None
+            roles = (("reference",) if reference else ()) + (("actor",) if run.recompute_old_logp(len(batch)) else ())
             with run.phase("reference"):
                 if roles and len(batch):
                     batch = run.placement.annotate(batch, roles)

@@ -172,6 +172,7 @@ class RLRun:
         self.in_flight: deque[InFlight] = deque()
         self.dropped_total = int(self.state.get("async_dropped", 0))
         self.publishing: list = []  # set_actor_weights calls not yet checked
+        self.eval_engine_stale = False  # async: the actor's engine lags its updates until an evaluation
         if self.placement.rollout is not None:
             self.publish()
 
@@ -236,7 +237,10 @@ class RLRun:
             items = self.next_prompts()
             # partial rollouts: updates overtake queued generations, so each waits for the version it was queued at
             wait = {"min_version": self.version} if self.cfg.rollout.partial_rollouts else {}
-            refs = self.launch_generate(self.placement.rollout, items, n, seed=self.cfg.seed * 100_003 + s, **wait)
+            # rollout.producer_reference: the rollout worker adds the reference log-probs (step 5's pass)
+            reference = {"reference": True} if self.producer_reference else {}
+            refs = self.launch_generate(self.placement.rollout, items, n, seed=self.cfg.seed * 100_003 + s,
+                                        **wait, **reference)
             self.in_flight.append(InFlight(s, items, refs, self.version, data_state))
         head = self.in_flight.popleft()
         assert head.step == step, (head.step, step)
@@ -249,6 +253,12 @@ class RLRun:
         self.dropped_total += int(stats["async/dropped"])
         return head.items, batch, {**stats, "async/dropped_total": float(self.dropped_total),
                                    "async/in_flight": float(len(self.in_flight))}
+
+    @property
+    def producer_reference(self) -> bool:
+        """Whether the rollout group computes the reference log-probs of what it generates (async,
+        `rollout.producer_reference`, and a KL term that needs them)."""
+        return self.is_async and self.cfg.rollout.producer_reference and getattr(self.algo, "kl_coef", 0) > 0
 
     @property
     def response_budget(self) -> int:
@@ -340,13 +350,14 @@ class RLRun:
     def sync(self) -> int:
         """Refresh the rollout engines from the actor (free with the HF engine over the shared
         model; timed anyway). Returns the bytes a remote engine would have received. async: the
-        actor's own engine (evaluation) is refreshed, and the update is published to the rollout
-        group as the next policy version (`publish`)."""
-        copied = self.placement.actor.call("sync_rollout")[0]
+        update is published to the rollout group as the next policy version (`publish`); the
+        actor's own engine, which only evaluates, is refreshed before the next evaluation."""
         if self.placement.rollout is not None:
             self.version += 1
             self.publish()
-        return copied
+            self.eval_engine_stale = True
+            return 0
+        return self.placement.actor.call("sync_rollout")[0]
 
     def publish(self) -> None:
         """Send the actor's weights (adapter or full state dict) to every rollout worker as
@@ -380,6 +391,9 @@ class RLRun:
         if not items:
             return float("nan")
         n = self.algo.eval_samples
+        if self.eval_engine_stale:
+            self.placement.actor.call("sync_rollout")
+            self.eval_engine_stale = False
         batch = self.generate(items, n, seed=self.cfg.seed + 99_991, temperature=self.algo.eval_temperature)
         batch, metrics = self.rule_and_model_scores(batch, items)
         if self.algo.eval_k:

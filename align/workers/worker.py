@@ -158,6 +158,7 @@ class ModelWorker:
         self._generating = False
         self._pending: tuple[dict, int] | None = None
         self._token_versions: dict[int, list[int]] = {}
+        self._adapter_targets: dict[str, Tensor] | None = None  # set_actor_weights: peft key -> live tensor
         if "actor" in self.model.roles and spec.rollout.backend == "vllm":
             self.engine = self._vllm_engine()
             self.sync_rollout()  # the actor as it starts (an adapter of zeros reads as the base)
@@ -230,12 +231,21 @@ class ModelWorker:
 
     # ---- rollout and inference -------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], group_ids: Sequence[int], params,
-                 min_version: int | None = None) -> Experience:
+                 min_version: int | None = None, reference: bool = False) -> Experience:
         """`params.n` samples of each prompt with the actor role (the HF or vLLM engine; a vLLM
         engine that sleeps between rollouts is woken for the call and put back to sleep).
-        min_version (partial rollouts): first wait until policy version `min_version` is loaded."""
+        min_version (partial rollouts): first wait until policy version `min_version` is loaded.
+        reference: also fill `ref_logp` (`annotate`), as a rollout-group worker does with
+        `rollout.producer_reference`."""
         if not prompts:
             return _empty_experience()
+        batch = self._generate(prompts, group_ids, params, min_version)
+        if not reference:
+            return batch
+        with self._weights:  # partial rollouts: no weight update lands during the pass
+            return batch.replace(**self.annotate(batch, ("reference",)))
+
+    def _generate(self, prompts, group_ids, params, min_version: int | None) -> Experience:
         if self.spec.rollout.partial_rollouts and (min_version is not None or self.policy_version is not None):
             return self._generate_partial(prompts, group_ids, params, min_version)
         if self._sleeps:
@@ -519,7 +529,14 @@ class ModelWorker:
         if lm is None:
             lm = self.model.models["actor"]  # SeparateModels
         if self.model.is_lora:
-            set_peft_model_state_dict(lm, {k: v.to(self.device) for k, v in tensors.items()}, adapter_name="actor")
+            if self._adapter_targets is None:
+                self._adapter_targets = adapter_tensors(lm, "actor")
+            if self._adapter_targets is not None and set(tensors) == set(self._adapter_targets):
+                with torch.no_grad():  # in place: ~0.1 ms, against ~20 ms for peft's generic loader
+                    for k, v in tensors.items():
+                        self._adapter_targets[k].copy_(v)
+            else:
+                set_peft_model_state_dict(lm, {k: v.to(self.device) for k, v in tensors.items()}, adapter_name="actor")
         else:
             with torch.no_grad():
                 live = lm.state_dict()
@@ -643,6 +660,20 @@ def micro_batch_rows(batch: Experience, rows: int, max_tokens: int | None, min_c
 
     lengths = (batch.prompt_mask.long().sum(1) + batch.response_mask.long().sum(1)).tolist()
     return [b for b in token_budget_micro_batches(lengths, max_tokens, min_count) if b]
+
+
+def adapter_tensors(lm, adapter: str) -> dict[str, Tensor] | None:
+    """The live parameters behind `adapter`'s tensors in peft's saved key format (what
+    `get_peft_model_state_dict` returns: views of them), so published weights can be copied in
+    place; None when a key has no parameter of its own (peft's generic loader is used then)."""
+    from peft import get_peft_model_state_dict
+
+    params = {p.data_ptr(): p for p in lm.parameters()}
+    saved = get_peft_model_state_dict(lm, adapter_name=adapter)
+    out = {k: params.get(v.data_ptr()) for k, v in saved.items()}
+    if any(p is None or p.shape != saved[k].shape for k, p in out.items()):
+        return None
+    return out
 
 
 def build_role_model(spec: WorkerSpec):

@@ -94,6 +94,27 @@ def test_published_weights_make_the_rollout_worker_sample_as_the_trainer(stories
         before.rollout_logp, theirs.rollout_logp, atol=1e-3), "the update did not change the rollouts"
 
 
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_rollout_worker_adds_the_reference_log_probs_the_trainer_would_compute(stories_path, finetune):
+    """rollout.producer_reference: `generate(..., reference=True)` on a rollout worker that holds
+    published (trained) weights returns the batch with `ref_logp` equal to what the trainer's own
+    reference pass (`annotate`) gives for the same rows; the adapter or trained copy is not used."""
+    trainer = TrainerConfig(lr=0.5 if finetune == "lora" else 0.05, optimizer="sgd", warmup_steps=0,
+                            lr_scheduler="constant", max_grad_norm=1.0)
+    spec = WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune=finetune), trainer=trainer)
+    learner, rollout = ModelWorker(spec, name="actor-0"), ModelWorker(spec, name="rollout-0")
+    moved = {k: v + 0.05 * torch.randn_like(v, generator=torch.Generator().manual_seed(0))
+             for k, v in learner.actor_weights().items()}  # a policy other than the reference
+    rollout.set_actor_weights(moved, 1)
+    params = SamplingParams(n=3, max_new_tokens=10, seed=5)
+    batch = rollout.generate([[1, 403, 407], [1, 300]], [0, 1], params, reference=True)
+    expected = learner.annotate(batch.replace(ref_logp=None), ("reference",))["ref_logp"]
+    assert batch.ref_logp is not None and batch.ref_logp.shape == batch.response_ids.shape
+    assert torch.allclose(batch.ref_logp, expected, atol=1e-6)
+    assert not torch.allclose(batch.ref_logp * batch.response_mask, batch.rollout_logp * batch.response_mask, atol=1e-3)
+    assert rollout.generate([[1, 300]], [0], params).ref_logp is None
+
+
 # ---- end to end on Ray --------------------------------------------------------------------------
 def _run(tmp_path, name: str, *overrides: str) -> list[dict]:
     from align.trainers.grpo import train
