@@ -58,40 +58,24 @@ work; transformers 5.24, TRL 1.16, 2026-11-29):
 
 Two more story runs of 3 pairs: 1.89 (1.48-1.94) at load ~1, and 1.50 (1.35-1.77) with a test
 suite running beside it, which is what the host's noise does to a single pair.
-`--mixed`: GSM8K prompts with long answers (`--max-new-tokens 256`, ours stopping at the first
-"!" so that stories260K's answers are of mixed lengths, see MIXED_STOP; TRL's side has no stop
-string) and a third run, `ours_packed`, with padding-free packing and
-token-budget micro-batches (`trainer.max_tokens_per_micro`, `--max-tokens-per-micro`; the
-shared-prompt pass kept per micro-batch where it computes fewer positions). `packing_speedup`:
-ours / ours_packed seconds per step (generation, which packing does not touch, included);
-`packing_speedup_update`: the same over the reference pass + update phases only.
+`--mixed`: GSM8K prompts (at most 192 tokens) with long-tailed answers (`--max-new-tokens 320`,
+the rest of stories260K's 512-token context; ours stopping at the first '"', see MIXED_STOP; TRL's
+side has no stop string, so its samples run to the cap) and a third run, `ours_packed`, with
+padding-free packing and token-budget micro-batches (`trainer.max_tokens_per_micro`,
+`--max-tokens-per-micro`, 32,768: one micro-batch per step). Packed, the shared-prompt pass runs
+each prompt once into a KV cache and its G responses packed into rows over it (roles.py
+`pack_group_responses`), so neither the prompt repeats nor the responses pad to the longest.
+`packing_speedup`: ours / ours_packed seconds per step (generation, which packing does not touch,
+included); `packing_speedup_update`: the same over the reference pass + update phases only, which
+is the training tokens/s ratio (both runs sample the same responses: same seed, same engine).
 
-Measured (`--mixed --steps 4 --warmup 1`, 8 prompts x G=8, responses 20-256 tokens, mean 185;
-one thread, 2-core CPU shared at load 7-9, 2026-12-02; TRL not installed there): ours 12.2
-s/step (reference 1.62 s, update 5.53 s), ours_packed at 16,384 tokens 16.7 s/step (2.30, 8.34):
-packing_speedup 0.73, update 0.67, with generation (which packing does not touch) itself 1.27x
-apart between the two runs. Packing does not pay here: the 8 samples of a prompt share it, the
-shared-prompt pass (kept per micro-batch where it computes fewer positions, as it did here)
-already skips 7 of its 8 copies, and the budget cut the minibatch into two micro-batches that
-each ran all 8 prompts. At 32,768 tokens (one micro-batch, shared-prompt pass): 8.5 against 10.3
-s/step, update 4.13 against 4.58 s (0.89x), generation 0.91x apart, i.e. the same within the
-host's noise. For GRPO with many samples per prompt leave the budget unset (or at
-least the minibatch's tokens).
-
-Phases (wall s, story): generate 0.48-0.58 vs TRL 1.38-1.52; reference 0.27-0.30 vs 0.35-0.39;
-update 0.83-0.90 vs 1.19-1.31. gsm8k: generate 0.86-0.95 vs 2.76-3.20, reference 0.45-0.47 vs
-1.50-1.61, update 1.58-1.67 vs 5.38-5.71. What makes the difference, each measured alone:
-- the lean decode step (`rollout.fast_decode`): the same Llama step in plain tensor ops over a
-  KV cache allocated once, instead of the model's forward (module calls, mask building and the
-  cache's `torch.cat` growth were most of a decode step): generation 1.5x faster;
-- the rollout copy (`rollout.merged_copy`): generating through LoRA layers cost ~40% more;
-- each distinct prompt prefilled once for its G samples, logits on the last position only;
-- in the update and the reference pass each prompt runs once for its G rows
-  (`RoleModel.response_log_probs`) and the LM head only on response tokens: the longer the
-  prompt, the larger the saving (TRL runs every row's prompt, G times);
-- inverse-CDF sampling instead of `torch.multinomial` (1 ms of a 12 ms decode step).
-The update is now half of our step on the story workload, and compute: LoRA matmuls and SDPA's
-CPU kernel (head_dim 8) forward and backward.
+Measured (`--mixed --steps 3 --warmup 1`, 8 prompts x G=8, responses mean 96 tokens of at most
+320; one thread, 2-core CPU, load 0.9 -> 2.3, 2026-12-06): ours 10.08 s/step (reference 1.31 s,
+update 5.70 s), ours_packed 6.65 s/step (0.66, 2.29), TRL 18.38 s/step: **packing_speedup_update
+2.38** (target >= 1.3), packing_speedup 1.52 (generation 3.41 vs 3.68 s), ours packed 2.76x TRL
+(TRL's samples run to 320 tokens). The previous workload (answers stopped at the first "!" and
+capped at 256: mean 185, 70% of the cap) left packing nothing to remove, and the padding-free
+path then repeated every prompt G times: 0.73-0.89x.
 """
 
 from __future__ import annotations
