@@ -73,7 +73,9 @@ Measured (`--mixed --steps 3 --warmup 1`, 8 prompts x G=8, responses mean 96 tok
 320; one thread, 2-core CPU, load 0.9 -> 2.3, 2026-12-06): ours 10.08 s/step (reference 1.31 s,
 update 5.70 s), ours_packed 6.65 s/step (0.66, 2.29), TRL 18.38 s/step: **packing_speedup_update
 2.38** (target >= 1.3), packing_speedup 1.52 (generation 3.41 vs 3.68 s), ours packed 2.76x TRL
-(TRL's samples run to 320 tokens). The previous workload (answers stopped at the first "!" and
+(TRL's samples run to 320 tokens). A second run (load 0.8 -> 1.0): ours 8.27 s/step (1.21, 4.38),
+ours_packed 5.03 (0.51, 1.82), TRL 13.63: packing_speedup_update 2.39, packing_speedup 1.64,
+2.71x TRL. The previous workload (answers stopped at the first "!" and
 capped at 256: mean 185, 70% of the cap) left packing nothing to remove, and the padding-free
 path then repeated every prompt G times: 0.73-0.89x.
 """
