@@ -239,10 +239,10 @@ class RolloutConfig:
     merged_copy: RL workers with a LoRA actor generate from a plain copy of the base with the
     actor's adapter merged in, refreshed at every weight sync (one more copy of the base weights,
     as a vLLM engine holds; generation about 1.7x faster on CPU). false: generate through the
-    adapter on the one shared base (least memory). With full fine-tuning it matters under
-    `trainer.strategy=fsdp2` only: the actor's worker generates from a whole copy of the actor,
-    refreshed from the gathered shards at every sync (false is refused there: the HF engine
-    would gather the shards for every token); unsharded the engine runs on the actor itself.
+    adapter on the one shared base (least memory). With full fine-tuning it matters under ddp
+    or fsdp2 replicas only: the actor's worker generates from a whole copy of the actor,
+    refreshed from the gathered weights at every sync (false is refused there: the HF engine
+    would gather the FSDP2 units for every token); one replica's engine runs on the actor itself.
     fast_decode: the HF engine decodes Llama, Mistral and Qwen2 models with its lean decode step
     (`rollout.fast_decode`: same logits, about 1.5x faster generation on CPU); false runs the
     model's own forward for every token. Other models and LoRA layers always use the forward.

@@ -468,7 +468,7 @@ class RoleModel(nn.Module):
             last = out.last_hidden_state[:, -1:]  # (U, 1, H): left-padded, so every prompt ends in the last column
             if group_packed:
                 return self._packed_responses(role, backbone, cache, kw, last, u_mask, row_prompt, response_ids,
-                                              response_mask, temperature, entropy)
+                                              lengths, temperature, entropy)
             cache.batch_select_indices(row_prompt)  # (B, heads, P, d) per layer, rows in batch order
             positions = u_mask.sum(1)[row_prompt, None] + torch.arange(R, device=u_mask.device)  # (B, R)
             attention = torch.cat([prompt_mask.long(), response_mask.long()], 1)  # (B, P + R)
@@ -482,16 +482,16 @@ class RoleModel(nn.Module):
         """Whether `role`'s attention takes a custom 4-D mask (sdpa or eager; not flash or flex)."""
         return getattr(self._causal_lm(role).config, "_attn_implementation", None) in ("sdpa", "eager")
 
-    def _packed_responses(self, role, backbone, cache, kw, last, u_mask, row_prompt, response_ids, response_mask,
+    def _packed_responses(self, role, backbone, cache, kw, last, u_mask, row_prompt, response_ids, lengths,
                           temperature: float, entropy: bool):
         """The shared-prompt pass's second half without padding: (B, R) log-probs (and entropies)
         of the responses, run packed per prompt (`pack_group_responses`) over `cache`, the U
         distinct prompts' keys and values (U, heads, P, d) per layer, whose last hidden states
         are `last` (U, 1, H). Positions continue each prompt's; a response attends to its
-        prompt's real tokens and causally to itself only. Zeros past each response's end."""
+        prompt's real tokens and causally to itself only. lengths: (B,) each response's real
+        tokens, which come first in its row. Zeros past each response's end."""
         B, R = response_ids.shape
         P, device = u_mask.shape[1], response_ids.device
-        lengths = response_mask.long().sum(1)  # each row's real tokens first
         packed_prompt, segment, offset, packed_row = pack_group_responses(row_prompt, lengths, R)
         rows, C = segment.shape
         cache.batch_select_indices(packed_prompt)  # (Rp, heads, P, d) per layer

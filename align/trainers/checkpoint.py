@@ -124,14 +124,16 @@ def _like(param: torch.Tensor, value):
     return value
 
 
+def _check_names(params, saved, where: str = "checkpoint") -> None:
+    """Raise when the saved trainable names are not exactly the model's."""
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise RuntimeError(f"{where} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    _check_names(params, state)
     from align.engine import load_full_tensor
 
     for name, p in params.items():
@@ -183,22 +185,16 @@ def load_sharded(path: str | os.PathLike, model: torch.nn.Module,
     folder = Path(path) / SHARDED
     saved = _safe_reader(str(folder)).read_metadata().state_dict_metadata
     params = _trainable(model)
-    missing = sorted(n for n in params if f"model/{n}" not in saved)
-    unexpected = sorted(k[len("model/"):] for k in saved if k.startswith("model/") and k[len("model/"):] not in params)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+    _check_names(params, [k[len("model/"):] for k in saved if k.startswith("model/")], f"checkpoint {path}")
     targets: dict[str, torch.Tensor] = {f"model/{n}": p.detach() for n, p in params.items()}
     states: list[tuple[torch.optim.Optimizer, torch.Tensor, str, str]] = []
-    names = {id(p): n for n, p in params.items()}
-    for key, opt in optimizers.items():
-        prefix = f"optimizer/{key}/"
-        for p in (p for g in opt.param_groups for p in g["params"]):
-            name = names[id(p)]
-            for k, meta in ((k[len(prefix) + len(name) + 1:], m) for k, m in saved.items()
-                            if k.startswith(f"{prefix}{name}/")):
-                targets[f"{prefix}{name}/{k}"] = _empty_like_saved(p, meta)
-                states.append((opt, p, k, f"{prefix}{name}/{k}"))
+    for key, meta in saved.items():  # optimizer/<optimizer>/<parameter name>/<state>
+        kind, _, rest = key.partition("/")
+        opt_key, _, rest = rest.partition("/")
+        if kind == "optimizer" and opt_key in optimizers:
+            name, _, k = rest.rpartition("/")
+            targets[key] = _empty_like_saved(params[name], meta)
+            states.append((optimizers[opt_key], params[name], k, key))
     with _alone_quietly():
         dcp.load(targets, checkpoint_id=str(folder), storage_reader=_safe_reader(str(folder)),
                  no_dist=not distributed.initialized())
@@ -365,18 +361,17 @@ class Checkpointer:
     ) -> tuple[dict, dict[str, torch.Tensor]]:
         """Restore everything saved by `save`, in either format, under any number of replicas;
         returns (trainer_state, extra_tensors)."""
+        extra = load_file(str(path / EXTRA)) if (path / EXTRA).exists() else {}
         if (path / SHARDED).is_dir():
             load_sharded(path, model, optimizers)
         else:
             tensors = load_file(str(path / TRAINABLE))
             load_trainable_state(model, {k: v for k, v in tensors.items() if not k.startswith("extra::")})
+            extra.update({k.split("::", 1)[1]: v for k, v in tensors.items()  # older checkpoints kept them here
+                          if k.startswith("extra::")})
             opt_states = torch.load(path / OPTIMIZER, weights_only=True)
             for k, o in optimizers.items():
                 load_optimizer_state(model, o, opt_states[k])
-        extra = load_file(str(path / EXTRA)) if (path / EXTRA).exists() else {}
-        if (path / TRAINABLE).exists():  # older checkpoints kept them beside the weights
-            extra.update({k.split("::", 1)[1]: v for k, v in load_file(str(path / TRAINABLE)).items()
-                          if k.startswith("extra::")})
         sched_states = torch.load(path / SCHEDULER, weights_only=True)
         for k, s in schedulers.items():
             s.load_state_dict(sched_states[k])

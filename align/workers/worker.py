@@ -2,7 +2,7 @@
 
 One worker holds one copy of the model (the shared multi-head model with LoRA, or separate
 models with full fine-tuning) and, when it hosts the actor, the rollout engine: the HF engine
-over a merged copy of the LoRA actor or a whole copy of a sharded fully fine-tuned one (rewritten
+over a merged copy of the LoRA actor or a whole copy of a replicated fully fine-tuned one (rewritten
 at each sync from the gathered weights), or over the actor's own parameters (nothing to sync),
 or a vLLM engine synced with the actor's adapter or weights
 (`rollout.backend=vllm`). A reward model with a base of its own is a `SequenceScorer` beside
@@ -62,9 +62,9 @@ class WorkerSpec:
         weights). merged_rollout: with a LoRA actor on an
         unquantized base, generate from a plain copy of the base with the actor's adapter merged
         in, refreshed at every weight sync (`rollout.merged_copy`); otherwise generate through
-        the adapter on the shared weights. With full fine-tuning under fsdp2, generate from a
-        whole copy of the actor taken before sharding and refreshed at every sync (unsharded, the
-        engine runs on the actor itself, so no copy is kept). fast_decode: `rollout.fast_decode`,
+        the adapter on the shared weights. With full fine-tuning under ddp or fsdp2 replicas,
+        generate from a whole copy of the actor taken before sharding and refreshed at every sync
+        (one replica's engine runs on the actor itself, so no copy is kept). fast_decode: `rollout.fast_decode`,
         for the HF engine.
         rollout: the rollout config; with `backend=vllm` the actor's worker runs a vLLM engine over
         `model.name_or_path` (see `ModelWorker._vllm_engine`), at most `max_model_len` tokens a
