@@ -376,3 +376,29 @@ def test_bench_rm_sft_stage_never_trains_on_the_rm_held_out_pairs(tmp_path):
     (rm_train, rm_val), (sft_train, _) = split(rm_cfg.data), split(sft_cfg.data)
     assert len(rm_val) == 512 and len(rm_train) == 1833
     assert not {repr(ex) for ex in rm_val} & {repr(ex) for ex in sft_train}
+
+
+def test_bench_rm_probe_features_and_linear_reward_learn_in_domain():
+    """scripts/bench_rm.py --probe (issue 18 item 4's evidence): the surface features measure
+    what they name, and the linear bag-of-words Bradley-Terry reward learns its own subset, on
+    pairs held out of its training, so its failure on the other subsets is theirs, not a broken
+    model's."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_rm.py"
+    spec = importlib.util.spec_from_file_location("bench_rm", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    prompt = "\n\nHuman: How do I bake bread at home?\n\nAssistant:"
+    f = bench.surface_features(prompt, " Sorry, do you want to bake bread bread bread?")
+    assert f["length"] == 9 and f["question"] == 1.0 and f["apology"] == 1.0
+    assert f["overlap"] == 3 / 7 and f["repeats"] == 1 - 7 / 9
+    assert bench.surface_features(prompt, " Mix flour and water.")["question"] == 0.0
+    args = argparse.Namespace(subset="helpful-base", val_size=512, test_size=256, seed=0)
+    out = bench.probe(args)
+    acc = out["linear_bt"]["accuracy"]
+    assert out["linear_bt"]["train_pairs"] == 1833
+    assert acc["helpful-base"] > 0.5 + 2 * 0.5 / 256**0.5, acc  # in domain: two coin stds above chance
+    assert set(acc) == set(out["chosen_has_more"]) == {"helpful-base", "helpful-online", "harmless-base"}
