@@ -86,8 +86,9 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def _ddp_step(rank: int, world: int, strategy: str = "ddp") -> dict:
-    """rows [rank::world] of a fixed 4 x 12 batch; returns the weights after one SGD step (whole),
-    the gradient norm, and, per parameter, (local shape, global shape, placements) when hooked."""
+    """rows [rank::world] of a fixed 4 x 12 batch, in micro-batches of one row; returns the weights
+    after one SGD step (whole), the gradient norm, the all-reduces each micro-batch's backward
+    ran, and, per parameter, (local shape, global shape, placements) when hooked."""
     from align.models import build_tiny_llama
 
     model = build_tiny_llama(seed=0).train()
@@ -106,7 +107,22 @@ def _ddp_step(rank: int, world: int, strategy: str = "ddp") -> dict:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1.0)
-    (engine.forward(nll, model, mine) / (ids.shape[0] * (ids.shape[1] - 1))).backward()  # its share of the mean
+    import torch.distributed as dist
+
+    all_reduces, real_all_reduce = [], dist.all_reduce
+
+    def counted(*args, **kwargs):
+        all_reduces[-1] += 1
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        for i, row in enumerate(mine.split(1)):  # two micro-batches of one row: accumulated, then one step
+            all_reduces.append(0)
+            engine.backward(engine.forward(nll, model, row) / (ids.shape[0] * (ids.shape[1] - 1)),  # its share
+                            last=i == len(mine) - 1)
+    finally:
+        dist.all_reduce = real_all_reduce
     grad_norm = engine.step(params, optimizer, max_grad_norm=None)
     from align.engine import full_tensor
 
@@ -116,7 +132,7 @@ def _ddp_step(rank: int, world: int, strategy: str = "ddp") -> dict:
             plain = not hasattr(whole.model.norm.weight, "device_mesh")
             whole.model.norm.weight.fill_(2.0)
     loaded = bool((full_tensor(model.model.norm.weight.detach()) == 2.0).all())
-    return {"weights": weights, "grad_norm": grad_norm, "layout": layout, "hooked": engine.hooked,
+    return {"weights": weights, "grad_norm": grad_norm, "layout": layout, "hooked": engine.hooked, "all_reduces": all_reduces,
             "sharded": engine.sharded, "gathered": (plain, loaded)}
 
 
@@ -149,5 +165,77 @@ def test_ddp_replicas_sum_gradients_in_backward_and_stay_whole(tmp_path):
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), f"{name}: replicas diverged"
         torch.testing.assert_close(ranks[0]["weights"][name], w, atol=1e-6, rtol=1e-5, msg=name)
     assert ranks[0]["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+    # accumulation: the replicas' all-reduce runs once per unit, in the step's last micro-batch only
+    units = len({n.split(".")[2] for n in layout if n.startswith("model.layers.")}) + 1  # + the root
+    assert ranks[0]["all_reduces"] == ranks[1]["all_reduces"] == [0, units]
     moved = max(float((half["weights"][n] - w).abs().max()) for n, w in whole["weights"].items())
     assert moved > 1e-3  # rank 0's half alone steps elsewhere: the sum over the replicas is what matched
+
+
+def _meta_rank(rank: int, world: int, port: int, out: str, strategy: str, shard_size: int | None) -> None:
+    """A replica of a tiny Llama with tied embeddings: rank 0 builds it for real (seed 0), the
+    others on the meta device (`TrainEngine.init_on_meta`); `prepare` fills them from rank 0.
+    Writes each replica's whole weights, buffers, tie, one forward's logits and RNG draw."""
+    import torch.distributed as dist
+
+    from align.engine import full_tensor
+    from align.models.loading import load_causal_lm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        meta = TrainEngine.init_on_meta(strategy, rank, world)
+        model = load_causal_lm(f"{out}/model", meta=meta)
+        torch.manual_seed(5)
+        if not meta:
+            torch.rand(7)  # rank 0's build drew from the generator, the meta build did not
+        assert meta == (rank != 0) and all(p.is_meta for p in model.parameters()) == meta
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        engine = TrainEngine("fp32", "cpu", strategy=strategy, shard_size=shard_size)
+        engine.prepare(model)
+        ids = torch.arange(12).reshape(2, 6)
+        with torch.no_grad():
+            logits = engine.forward(lambda m, x: m(input_ids=x).logits, model, ids)
+            weights = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
+        torch.save({"weights": weights, "buffers": {n: b.clone() for n, b in model.named_buffers()},
+                    "logits": logits, "materialized": engine.materialized, "draw": torch.rand(3),
+                    "tied": model.lm_head.weight is model.model.embed_tokens.weight},
+                   f"{out}/{strategy}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy, world, shard_size", [("fsdp2", 2, None), ("ddp", 2, None), ("fsdp2", 4, 2)],
+                         ids=["fsdp2", "ddp", "hsdp-2x2"])
+def test_replicas_built_on_meta_are_filled_from_rank0(tmp_path, strategy, world, shard_size):
+    """Under ddp and fsdp2 every replica but rank 0 builds its model on the meta device (no
+    weights read, nothing allocated) and `prepare` fills it from rank 0: every replica then
+    holds rank 0's weights (tied embeddings still tied) and buffers (the rotary frequencies,
+    which a meta build leaves unset), computes rank 0's logits, which equal the unsharded
+    model's, and draws the same random numbers as rank 0 afterwards."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from align.models import build_tiny_llama
+
+    reference = build_tiny_llama(seed=0, tie_word_embeddings=True).eval()
+    reference.save_pretrained(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_meta_rank, args=(world, port, str(tmp_path), strategy, shard_size), nprocs=world,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"{strategy}{r}.pt", weights_only=False) for r in range(world)]
+    with torch.no_grad():
+        expected = reference(input_ids=torch.arange(12).reshape(2, 6)).logits
+    for r, got in enumerate(ranks):  # with 2 x 2 (HSDP), rank 3 is filled through rank 2, not rank 1
+        assert got["materialized"] and got["tied"], r
+        assert got["weights"].keys() == ranks[0]["weights"].keys()
+        for name, w in reference.state_dict().items():
+            if name in got["weights"]:
+                assert torch.equal(got["weights"][name], w), (r, name)
+        for name, b in ranks[0]["buffers"].items():
+            assert torch.equal(got["buffers"][name], b), (r, name)
+        torch.testing.assert_close(got["logits"], expected)
+        assert torch.equal(got["draw"], ranks[0]["draw"]), r

@@ -8,6 +8,6 @@ replicas, clipping and the step. `distributed` is the process's data-parallel co
 `spmd` starts a stage on N Ray workers. Importing this package imports torch only.
 """
 
-from align.engine.engine import PRECISIONS, STRATEGIES, TrainEngine, full_tensor, load_full_tensor
+from align.engine.engine import PRECISIONS, STRATEGIES, TrainEngine, fill_from_rank0, full_tensor, load_full_tensor
 
-__all__ = ["PRECISIONS", "STRATEGIES", "TrainEngine", "full_tensor", "load_full_tensor"]
+__all__ = ["PRECISIONS", "STRATEGIES", "TrainEngine", "fill_from_rank0", "full_tensor", "load_full_tensor"]

@@ -17,6 +17,13 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+def backend(cuda: bool) -> str:
+    """The process group's backend: gloo on CPU; with GPUs NCCL for CUDA tensors (FSDP2's
+    collectives) and gloo for the CPU tensors of the helpers below (logging sums, micro-batch
+    counts), which an NCCL-only group refuses ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def initialized() -> bool:
     """Whether this process is in a process group (of any size)."""
     return _dist() is not None

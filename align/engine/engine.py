@@ -4,7 +4,7 @@
     engine.prepare(model)                  # fp32 master weights; under ddp/fsdp2, FSDP2 units
     with engine.autocast():                # compute precision (a no-op under ddp/fsdp2: their policy casts)
         loss = engine.forward(token_nll, model, batch)[0].sum()   # any function of the model
-    loss.backward()
+    engine.backward(loss, last=True)       # loss.backward(); ddp: all-reduce on the step's last micro-batch only
     grad_norm = engine.step(params, optimizer, max_grad_norm)   # clip, step (backward reduced)
 
 Strategy (`trainer.strategy`; torchtitan and veRL's FSDP workers are the models):
@@ -48,6 +48,13 @@ Precision (`trainer.precision`):
   (param_dtype=bf16, reduce_dtype=fp32): the gathered parameters are bf16 copies of the fp32
   shards and gradients are reduced in fp32. Frozen weights (a LoRA base) stay in `model.dtype`,
   their storage dtype. No loss scaling: bf16 has fp32's exponent range.
+
+Gradient accumulation: the trainers call `engine.backward(loss, last=...)` for each micro-batch
+of a step. Where gradients are all-reduced over replicas (ddp; fsdp2's hybrid sharding), the
+backward hooks skip the all-reduce on every micro-batch but the step's last, which reduces the
+sum of all of them (FSDP2's `set_requires_all_reduce`: DDP's `no_sync`, one all-reduce per unit
+per step instead of one per micro-batch). fsdp2's reduce-scatter still runs on every micro-batch,
+so that no replica holds a whole unsharded gradient between them.
 
 Data parallelism: replica r's loss is its share of the whole batch's loss (a global normaliser,
 `align.core.loss_normaliser`), so gradients are SUMmed over the replicas, never averaged; every
@@ -110,7 +117,10 @@ class TrainEngine:
         self.shard_size = shard_size or self.world_size
         if self.world_size % self.shard_size:
             raise ValueError(f"trainer.fsdp_shard_size={shard_size} must divide the {self.world_size} replicas")
+        self.device = torch.device(device)
         self._root: nn.Module | None = None
+        # Whether `prepare` filled replicas built on the meta device from rank 0 (`init_on_meta`).
+        self.materialized = False
 
     @property
     def sharded(self) -> bool:
@@ -125,11 +135,29 @@ class TrainEngine:
         return self.strategy in ("ddp", "fsdp2")
 
     # ---- set-up ------------------------------------------------------------------------------
+    @staticmethod
+    def init_on_meta(strategy: str, rank: int, world_size: int) -> bool:
+        """Whether this replica should build its model on the meta device (no memory, no weights
+        read) and let `prepare` fill it from rank 0: every replica but rank 0 under ddp and fsdp2
+        (veRL's and accelerate's rank-0 loading). Only rank 0 then holds the whole model, once,
+        while it scatters it; the others never do (fsdp2: their shards and one whole parameter at
+        a time), where every replica used to read and build it in full before sharding."""
+        return strategy in ("ddp", "fsdp2") and world_size > 1 and rank != 0
+
     def prepare(self, model: nn.Module) -> nn.Module:
         """Apply activation checkpointing (every decoder layer wrapped), the precision policy (under
         bf16-mixed every trainable parameter becomes an fp32 master weight) and the strategy (ddp:
         replicas start from rank 0's weights, then whole FSDP2 units; fsdp2: sharded units), in
-        place, before the optimizer is built. Returns the model."""
+        place, before the optimizer is built. Replicas built on the meta device (`init_on_meta`)
+        are allocated and filled from rank 0's model here: its parameters scattered into the
+        others' shards (ddp: broadcast), its buffers broadcast. Returns the model."""
+        from align.engine import distributed
+
+        on_meta = any(t.is_meta for t in _tensors(model))
+        # Every replica must agree on whether to fill from rank 0 (a collective either way).
+        self.materialized = self.hooked and self.world_size > 1 and bool(distributed.all_max(int(on_meta)))
+        if on_meta and not self.materialized:
+            raise ValueError("a model built on the meta device needs ddp or fsdp2 replicas to fill it from rank 0")
         if self.activation_checkpointing:
             from align.models.checkpointing import enable_activation_checkpointing
 
@@ -138,15 +166,46 @@ class TrainEngine:
             for p in model.parameters():
                 if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
                     p.data = p.data.float()
-        if self.strategy == "ddp" and self.world_size > 1:
+        if self.strategy == "ddp" and self.world_size > 1 and not self.materialized:
             import torch.distributed as dist
 
             with torch.no_grad():
                 for t in list(model.parameters()) + list(model.buffers()):
                     dist.broadcast(t.data, src=0)
+        # Rank 0's whole parameters (references: sharding replaces them in the model), to scatter.
+        whole = None if on_meta or not self.materialized else dict(model.named_parameters())
         if self.hooked:
             self._root = self._shard(model)
+        if self.materialized:
+            self._fill_from_rank0(model, whole)
         return model
+
+    @torch.no_grad()
+    def _fill_from_rank0(self, model: nn.Module, whole: dict[str, torch.Tensor] | None) -> None:
+        """Allocate a meta-built replica's shards and buffers (`whole` None) and copy rank 0's values
+        in: each parameter scattered from rank 0's whole tensor (`whole`) into every replica's
+        shard, one at a time (a receiving replica holds one whole parameter at a time); each
+        buffer (rotary frequencies, say) broadcast."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import distribute_tensor
+
+        if whole is None:
+            to_empty(self._root, self.device)
+        for name, p in model.named_parameters():
+            src = (whole.pop(name).to(self.device, p.dtype) if whole is not None
+                   else torch.empty(p.shape, dtype=p.dtype, device=self.device))
+            p.copy_(distribute_tensor(src, p.device_mesh, p.placements, src_data_rank=0))
+            del src
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+        # Rank 0's build drew random initial values (heads, adapters) that the others' did not:
+        # its generator state is what every replica would hold after building the same model.
+        states = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if self.device_type == "cuda" else [])
+        for state in states:
+            dist.broadcast(state, src=0)
+        torch.set_rng_state(states[0])
+        if self.device_type == "cuda":
+            torch.cuda.set_rng_state(states[1])
 
     def _shard(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -229,6 +288,15 @@ class TrainEngine:
                 module._load_state_dict_post_hooks.update(saved)
 
     # ---- the step ----------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
+        """`loss.backward()` for one micro-batch of a step; `last`: whether it is the step's last.
+        Under ddp and hybrid-sharded fsdp2 the replicas' all-reduce runs in the last one's
+        backward only, on the gradients summed over the step's micro-batches (every replica must
+        then agree on which micro-batch is last: the trainers give them the same count)."""
+        if self._root is not None and (not self.sharded or self.shard_size < self.world_size):
+            self._root.set_requires_all_reduce(last)
+        loss.backward()
+
     def step(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
              max_grad_norm: float | None) -> float:
         """Clip the gradients (summed over the replicas in backward under ddp and fsdp2) to
@@ -243,6 +311,39 @@ class TrainEngine:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return _scalar(grad_norm)
+
+
+@torch.no_grad()
+def fill_from_rank0(module: nn.Module, device: str | torch.device) -> None:
+    """Give every replica rank 0's copy of a whole (unsharded) module: allocated on `device` where
+    it was built on the meta device, then each parameter and buffer broadcast from rank 0 (a
+    collective: every replica calls it)."""
+    import torch.distributed as dist
+
+    if any(t.is_meta for t in _tensors(module)):
+        to_empty(module, device)
+    for t in _tensors(module):
+        dist.broadcast(t, src=0)
+
+
+def to_empty(module: nn.Module, device: str | torch.device) -> None:
+    """`module.to_empty(device=device)` (uninitialised storage for meta tensors), keeping tied
+    parameters tied: torch's gives each module its own copy of a tied meta parameter."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((m, name))
+    module.to_empty(device=device)
+    for (m0, name0), *rest in places.values():
+        for m, name in rest:
+            if m._parameters[name] is not m0._parameters[name0]:
+                m._parameters[name] = m0._parameters[name0]
+
+
+def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
 
 
 def _scalar(t: torch.Tensor) -> float:

@@ -44,12 +44,13 @@ class StageWorker:
         import torch
         import torch.distributed as dist
 
+        from align.engine import distributed
         from align.trainers import run
 
         cuda = torch.cuda.is_available() and str(cfg.model.device) != "cpu"
         if cuda:
             torch.cuda.set_device(0)  # Ray gives each worker its own GPU(s), visible from index 0
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
+        dist.init_process_group(distributed.backend(cuda), init_method=f"tcp://{master_addr}:{master_port}",
                                 rank=self.rank, world_size=self.world_size)
         try:
             return run(cfg, hydra_cfg if self.rank == 0 else None)

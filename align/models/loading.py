@@ -118,18 +118,30 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     quantization: str | None = None,
+    meta: bool = False,
     **kwargs: Any,
 ):
     """Load any Hugging Face causal LM (local folder or hub id) in `dtype` on `device`.
 
     `quantization="nf4"` loads the linear layers in 4-bit NF4 with double quantization (the
     QLoRA base; needs bitsandbytes); `dtype` is then the compute dtype and of the other layers.
+    `meta=True` builds the architecture from the folder's config on the meta device, reading no
+    weights and allocating nothing: a replica that `TrainEngine.prepare` fills from rank 0.
     """
     from transformers import AutoModelForCausalLM
 
     extra = dict(kwargs)
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
+    if meta:
+        if quantization is not None:
+            raise ValueError("a 4-bit base cannot be built on the meta device (QLoRA runs as one replica)")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype),
+                                                    trust_remote_code=trust_remote_code, **extra)
     target = resolve_device(device)
     if quantization is not None:
         extra["quantization_config"] = quantization_config(quantization, dtype)

@@ -65,7 +65,7 @@ from align.trainers.logps import (
 )
 from align.trainers.metrics import run_logger
 from align.trainers.reference import default_cache_dir, reference_logps, reference_mode
-from align.trainers.setup import build_policy
+from align.trainers.setup import build_policy, model_device, on_meta
 
 # The loss functions' statistics, under the names the logs use.
 STAT_NAMES = {"chosen_rewards": "rewards/chosen", "rejected_rewards": "rewards/rejected",
@@ -399,12 +399,13 @@ class PreferenceObjective:
         return loss * share, out
 
 
-def step_loss(objective: PreferenceObjective, model, micro: list, step_items: int | None = None) -> tuple[float, dict]:
+def step_loss(objective: PreferenceObjective, model, micro: list, step_items: int | None = None,
+              engine: TrainEngine | None = None) -> tuple[float, dict]:
     """Forward and backward every micro-batch of one optimizer step; returns the step's loss and
     its statistics (means over the step). Each micro-batch weighs its share of the step's items,
     so micro-batches of unequal sizes (token budgets) add up to the step's mean. step_items: the
     step's pairs (or examples) over all data-parallel replicas, each replica's micro-batches
-    holding its share (default: these)."""
+    holding its share (default: these). engine: runs the backwards (ddp all-reduces in the last)."""
     sizes = [len(b.desirable if isinstance(b, UnpairedBatch) else b.prompt_ids) for b in micro]
     step_items = step_items or sum(sizes)
     if isinstance(micro[0], PairBatch):
@@ -418,8 +419,11 @@ def step_loss(objective: PreferenceObjective, model, micro: list, step_items: in
         parts = (objective.unpaired_step_share(model, b, ref, z0, n / step_items)
                  for b, ref, n in zip(micro, refs, sizes))
     total, stats = 0.0, {}
-    for (loss, micro_stats), n in zip(parts, sizes):
-        loss.backward()
+    for i, ((loss, micro_stats), n) in enumerate(zip(parts, sizes)):
+        if engine is not None:
+            engine.backward(loss, last=i == len(micro) - 1)
+        else:
+            loss.backward()
         total += float(loss.detach())
         for k, v in micro_stats.items():
             stats[k] = stats.get(k, 0.0) + float(v) * n / step_items
@@ -528,9 +532,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     seed_everything(cfg.seed)
 
     # 2. One model: the policy (full fine-tuning, or a LoRA adapter over the frozen base).
-    model, tokenizer = build_policy(cfg.model)
+    model, tokenizer = build_policy(cfg.model, meta=on_meta(tcfg))
     model.train()
-    device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
+    device, pad_id = model_device(model, cfg.model), tokenizer.pad_token_id
     engine = TrainEngine(tcfg.precision, device, strategy=tcfg.strategy,  # every forward below runs through it
                          activation_checkpointing=tcfg.gradient_checkpointing, shard_size=tcfg.fsdp_shard_size)
     engine.prepare(model)  # checkpointed layers; fp32 masters under bf16-mixed; sharded under fsdp2
@@ -577,7 +581,7 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         drawn = [[data.train[i] for i in order.next()] for _ in range(tcfg.grad_accum)]  # every replica: the same
         micro = [collate(b, pad_id, device) for b in replica_micro_batches(drawn, tcfg.max_tokens_per_micro, item_tokens)]
         with engine.autocast():  # each replica: its share of every micro-batch
-            loss, stats = step_loss(objective, model, micro, step_items=sum(len(mb) for mb in drawn))
+            loss, stats = step_loss(objective, model, micro, step_items=sum(len(mb) for mb in drawn), engine=engine)
         if not math.isfinite(loss):
             raise FloatingPointError(f"dpo: loss is {loss} at step {step}; last checkpoint kept in {ckpt.root}")
         grad_norm = engine.step([p for p in model.parameters() if p.requires_grad], optimizer, tcfg.max_grad_norm)

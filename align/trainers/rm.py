@@ -50,6 +50,7 @@ from align.trainers.common import (
     set_threads,
 )
 from align.trainers.metrics import run_logger
+from align.trainers.setup import model_device, on_meta
 
 # bradley_terry_loss's statistics, under the names the logs use.
 STAT_NAMES = {"chosen_rewards": "scores/chosen", "rejected_rewards": "scores/rejected",
@@ -59,16 +60,17 @@ STAT_NAMES = {"chosen_rewards": "scores/chosen", "rejected_rewards": "scores/rej
 # --------------------------------------------------------------------------------------- model
 
 
-def build_reward_model(cfg: ModelConfig):
+def build_reward_model(cfg: ModelConfig, meta: bool = False):
     """The reward role and its tokenizer (with a pad token).
 
     finetune=lora: a `MultiHeadModel` with only the `reward` role (a LoRA adapter from
     `cfg.lora` plus the score head) over the frozen base, the layout PPO loads it into.
     finetune=full: `SeparateModels` holding the whole model plus the score head, no reference.
+    meta: built on the meta device, for `TrainEngine.prepare` to fill from rank 0.
     """
     from align.trainers.setup import load_base, role_config
 
-    base, tokenizer = load_base(cfg)
+    base, tokenizer = load_base(cfg, meta)
     if cfg.finetune == "lora":
         from align.models.multihead import MultiHeadModel
 
@@ -243,10 +245,13 @@ def step_loss(model, micro: list[RMBatch], engine: TrainEngine | None = None,
     replica's micro-batches holding its share; the returned figures are then the step's."""
     n_pairs = n_pairs or sum(b.num_pairs for b in micro)
     total, stats = 0.0, {}
-    for batch in micro:
+    for i, batch in enumerate(micro):
         share = batch.num_pairs / n_pairs
         loss, micro_stats = bradley_terry_loss(*pair_scores(model, batch, engine), batch.margin)
-        (loss * share).backward()
+        if engine is not None:
+            engine.backward(loss * share, last=i == len(micro) - 1)
+        else:
+            (loss * share).backward()
         total += float(loss.detach()) * share
         for k, v in micro_stats.items():
             stats[STAT_NAMES[k]] = stats.get(STAT_NAMES[k], 0.0) + float(v) * share
@@ -297,10 +302,10 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     seed_everything(cfg.seed)
 
     # 2. The reward role: a LoRA adapter + score head on the frozen base, or a full model + head.
-    model, tokenizer = build_reward_model(cfg.model)
+    model, tokenizer = build_reward_model(cfg.model, meta=on_meta(tcfg))
     model.packed = tcfg.max_tokens_per_micro is not None  # padding-free passes in token-budget micro-batches
     model.train()
-    engine = TrainEngine(tcfg.precision, next(model.parameters()).device, strategy=tcfg.strategy,
+    engine = TrainEngine(tcfg.precision, model_device(model, cfg.model), strategy=tcfg.strategy,
                          activation_checkpointing=tcfg.gradient_checkpointing, shard_size=tcfg.fsdp_shard_size)
     engine.prepare(model)  # checkpointed layers; fp32 masters under bf16-mixed; sharded under fsdp2
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id

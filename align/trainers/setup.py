@@ -9,15 +9,33 @@ from align.config import DataConfig, ModelConfig
 from align.models.loading import ensure_pad_token, load_causal_lm, load_tokenizer
 
 
-def load_base(cfg: ModelConfig):
+def load_base(cfg: ModelConfig, meta: bool = False):
     """The configured causal LM (dtype, device, optional 4-bit base) and its tokenizer, with a
-    pad token set on both when the tokenizer has none: what every model builder starts from."""
+    pad token set on both when the tokenizer has none: what every model builder starts from.
+    meta: the architecture only, on the meta device (`TrainEngine.init_on_meta`)."""
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     extra = {"quantization": cfg.quantization} if cfg.quantization else {}
     model = load_causal_lm(cfg.name_or_path, dtype=cfg.dtype, device=cfg.device,
-                           trust_remote_code=cfg.trust_remote_code, **extra)
+                           trust_remote_code=cfg.trust_remote_code, meta=meta, **extra)
     ensure_pad_token(tokenizer, model)
     return model, tokenizer
+
+
+def on_meta(tcfg) -> bool:
+    """Whether this process builds its model on the meta device: a replica other than rank 0
+    under ddp or fsdp2 (`TrainEngine.init_on_meta`; `prepare` fills it from rank 0)."""
+    from align.engine import TrainEngine, distributed
+
+    return TrainEngine.init_on_meta(tcfg.strategy, distributed.rank(), distributed.world_size())
+
+
+def model_device(model, cfg: ModelConfig):
+    """Where `model`'s parameters are, or will be once `TrainEngine.prepare` fills a model built
+    on the meta device (`cfg.device`)."""
+    from align.models.loading import resolve_device
+
+    device = next(model.parameters()).device
+    return resolve_device(cfg.device) if device.type == "meta" else device
 
 
 def role_config(cfg: ModelConfig):
@@ -29,13 +47,14 @@ def role_config(cfg: ModelConfig):
                       target_modules=target if isinstance(target, str) else tuple(target))
 
 
-def build_policy(cfg: ModelConfig):
+def build_policy(cfg: ModelConfig, meta: bool = False):
     """The model a trainer updates, and its tokenizer (with a pad token).
 
     finetune=full: every parameter trains. finetune=lora: a peft LoRA adapter over a frozen
-    base (`cfg.lora`), optionally a 4-bit base (`quantization=nf4`, QLoRA).
+    base (`cfg.lora`), optionally a 4-bit base (`quantization=nf4`, QLoRA). meta: built on the
+    meta device, for `TrainEngine.prepare` to fill from rank 0.
     """
-    model, tokenizer = load_base(cfg)
+    model, tokenizer = load_base(cfg, meta)
     if cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -35,7 +35,7 @@ from align.trainers.common import (
     set_threads,
 )
 from align.trainers.metrics import run_logger
-from align.trainers.setup import build_policy, load_sft_data
+from align.trainers.setup import build_policy, load_sft_data, model_device, on_meta
 
 
 @dataclass
@@ -120,9 +120,9 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
     seed_everything(cfg.seed)
 
     # 2. Model and tokenizer: full fine-tuning, or a LoRA adapter over a frozen base.
-    model, tokenizer = build_policy(cfg.model)
+    model, tokenizer = build_policy(cfg.model, meta=on_meta(tcfg))
     model.train()
-    engine = TrainEngine(tcfg.precision, next(model.parameters()).device, strategy=tcfg.strategy,
+    engine = TrainEngine(tcfg.precision, model_device(model, cfg.model), strategy=tcfg.strategy,
                          activation_checkpointing=tcfg.gradient_checkpointing, shard_size=tcfg.fsdp_shard_size)
     engine.prepare(model)  # checkpointed layers; fp32 masters under bf16-mixed; sharded under fsdp2
 
@@ -170,11 +170,11 @@ def train(cfg: RunConfig, hydra_cfg=None) -> dict:
         )
         micro = [collate(b) for b in replica_micro_batches(drawn, tcfg.max_tokens_per_micro, lambda x: len(x["input_ids"]))]
         step_loss = 0.0
-        for batch in micro:
+        for i, batch in enumerate(micro):
             with engine.autocast():
                 nll, mask = engine.forward(token_nll, model, batch, packed)
             loss = sft_loss(nll, mask, algo.loss_agg, normaliser)
-            loss.backward()
+            engine.backward(loss, last=i == len(micro) - 1)
             step_loss += float(loss.detach())
         step_loss, tokens = distributed.all_sum([step_loss, sum(int(b.attention_mask.sum()) for b in micro)])
         if not math.isfinite(step_loss):

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from align.config import ModelConfig, RolloutConfig, TrainerConfig
-from align.engine import TrainEngine
+from align.engine import TrainEngine, fill_from_rank0
+from align.models.loading import resolve_device
 from align.models.scorer import reward_model_kind
 from align.trainers.checkpoint import rng_state, set_rng_state
 from align.workers.batch import Experience, _pad_to, from_rollout
@@ -137,9 +138,12 @@ class ModelWorker:
         if str(spec.model.device).startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"model.device={spec.model.device} but this worker sees no GPU "
                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): did it ask Ray for one?")
-        self.model, self.tokenizer = build_role_model(spec)
+        # Replicas but rank 0 build on the meta device; the engine's prepare fills them from rank 0.
+        meta = TrainEngine.init_on_meta(spec.trainer.strategy, rank, world_size)
+        self.model, self.tokenizer = build_role_model(spec, meta=meta)
         self.model.packed = spec.trainer.max_tokens_per_micro is not None  # padding-free passes
-        self.device = next(self.model.parameters()).device  # batches arrive on the CPU
+        # where the model is (batches arrive on the CPU)
+        self.device = resolve_device(spec.model.device) if meta else next(self.model.parameters()).device
         # Strategy, precision, checkpointing, the replicas' gradient reduction, clipping and the step
         # (align/engine). With replicas, the model is prepared (broadcast or sharded) once their group exists.
         self.train_engine = TrainEngine(spec.trainer.precision, self.device, world_size,
@@ -161,7 +165,8 @@ class ModelWorker:
         self._adapter_targets: dict[str, Tensor] | None = None  # set_actor_weights: peft key -> live tensor
         if "actor" in self.model.roles and spec.rollout.backend == "vllm":
             self.engine = self._vllm_engine()
-            self.sync_rollout()  # the actor as it starts (an adapter of zeros reads as the base)
+            if not meta:  # a meta-built replica syncs once prepared (`_prepare_training`)
+                self.sync_rollout()  # the actor as it starts (an adapter of zeros reads as the base)
         elif "actor" in self.model.roles:
             from rollout.hf import HFEngine
 
@@ -194,6 +199,11 @@ class ModelWorker:
         spec = self.spec
         self.train_engine.prepare(self.model)
         self.model.same_passes = self.train_engine.hooked
+        if self.train_engine.materialized:  # replicas built on the meta device were filled from rank 0
+            if self.rollout_model is not None:  # the rollout copy (whole on every replica): rank 0's
+                fill_from_rank0(self.rollout_model, self.device)
+            elif self.engine is not None and spec.rollout.backend == "vllm":
+                self.sync_rollout()
         for role in ("actor", "critic"):
             if role in self.model.roles:
                 tcfg = spec.trainer
@@ -224,7 +234,9 @@ class ModelWorker:
         """Join the replicas' process group (gloo on CPU, NCCL on GPU)."""
         import torch.distributed as dist
 
-        backend = "nccl" if torch.cuda.is_available() and self.spec.model.device != "cpu" else "gloo"
+        from align.engine import distributed
+
+        backend = distributed.backend(torch.cuda.is_available() and self.spec.model.device != "cpu")
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
                                 rank=self.rank, world_size=self.world_size)
         self._prepare_training()
@@ -404,13 +416,15 @@ class ModelWorker:
             optimizer.zero_grad(set_to_none=True)
             step = {"loss": 0.0}
             cuts = micro_batch_rows(mb, micro_batch_size, self.spec.trainer.max_tokens_per_micro)
-            for micro, real in self._in_step([mb.select(rows) for rows in cuts], mb):
+            micros = self._in_step([mb.select(rows) for rows in cuts], mb)
+            for i, (micro, real) in enumerate(micros):
                 micro = micro.trim().to(self.device)
                 loss, parts, means = micro_loss(micro, normaliser)
+                last = i == len(micros) - 1  # ddp: the replicas' all-reduce runs in this one's backward
                 if not real:  # a stand-in keeping hooked replicas in step: no gradient, nothing logged
-                    (loss * 0).backward()
+                    self.train_engine.backward(loss * 0, last=last)
                     continue
-                loss.backward()
+                self.train_engine.backward(loss, last=last)
                 for k, v in {"loss": loss.detach(), **parts}.items():
                     step[k] = step.get(k, 0.0) + float(v)
                 stats.add(means, weight=micro.num_response_tokens)
@@ -676,14 +690,15 @@ def adapter_tensors(lm, adapter: str) -> dict[str, Tensor] | None:
     return out
 
 
-def build_role_model(spec: WorkerSpec):
+def build_role_model(spec: WorkerSpec, meta: bool = False):
     """The worker's model and tokenizer: a `MultiHeadModel` (model.finetune=lora: one base, an
     adapter per role from `model.lora`) or `SeparateModels` (full: a copy per role, the base as
-    the frozen reference)."""
+    the frozen reference). meta: on the meta device, reading no weights (a saved reward role
+    included): the engine's `prepare` fills it from rank 0's."""
     from align.trainers.setup import load_base, role_config
 
     mcfg = spec.model
-    base, tokenizer = load_base(mcfg)
+    base, tokenizer = load_base(mcfg, meta)
     roles = tuple(spec.roles)
     if spec.reward_model_path and reward_model_kind(spec.reward_model_path) == "classifier":
         roles = tuple(r for r in roles if r != "reward")  # served by `build_scorer` instead
@@ -698,10 +713,11 @@ def build_role_model(spec: WorkerSpec):
 
         model = SeparateModels.from_base(base, roles, pad_token_id=tokenizer.pad_token_id)
     if "reward" in roles and spec.reward_model_path:
-        model.load_role("reward", spec.reward_model_path)
+        if not meta:
+            model.load_role("reward", spec.reward_model_path)
         for p in model.trainable_parameters("reward"):
             p.requires_grad_(False)
-    if spec.critic_init_from_reward:
+    if spec.critic_init_from_reward and not meta:
         init_critic_from_reward(model, spec.reward_model_path)
     return model, tokenizer
 
