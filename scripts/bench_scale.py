@@ -46,9 +46,14 @@ the checkpointing section's `off` configuration, run once and reported in both. 
 it reports the bytes of the parameters, gradients and AdamW states the rank holds (its shards:
 summed over the tensors, exact), its peak RSS, and tokens/s (both ranks' tokens over the
 slowest rank's fastest step). `fsdp2_state_ratio` = a rank's state bytes / the unsharded
-rank's (ideal 0.5; FSDP2 pads each shard to equal size). Each rank builds the whole model
-before sharding it, so its peak RSS includes one unsharded copy (a meta-device build, as
-torchtitan does, would avoid that).
+rank's (ideal 0.5; FSDP2 pads each shard to equal size). As the trainers do
+(`TrainEngine.init_on_meta`), rank 0 builds the whole model and rank 1 builds it on the meta
+device; `prepare` scatters rank 0's weights into rank 1's shards. `fsdp2_load_peak_ratio_by_rank`
+is each rank's peak RSS once prepared (built, sharded, filled) over the one rank's: rank 0 held
+the whole model while scattering it, rank 1 only its shards and one whole parameter at a time;
+`fsdp2_load_peak_ratio_by_rank_every_rank_builds` is the same with both ranks building the
+whole model (the loading before rank-0 filling; no training), measured in the same run.
+`fsdp2_peak_ratio` is the larger rank's peak RSS over the run, `fsdp2_peak_ratio_by_rank` both.
 
     python scripts/bench_scale.py                      # both sections, SmolLM-135M, 4 x 1,024 tokens
     python scripts/bench_scale.py --model qwen2-0.5b --batch 2 --only checkpointing  # Qwen2-0.5B's shape
@@ -108,9 +113,11 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def build_model(args):
+def build_model(args, meta: bool = False):
     """MODELS[args.model]'s shape (`--layers` decoder layers when set) with random weights (seed 0),
-    fp32, in training mode."""
+    fp32, in training mode; `meta`: on the meta device (no memory, for `prepare` to fill)."""
+    import contextlib
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -120,7 +127,8 @@ def build_model(args):
         if "max_window_layers" in config:
             config["max_window_layers"] = args.layers
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).train()
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).train()
 
 
 def _sft_batch(args, vocab: int):
@@ -183,9 +191,15 @@ def _fsdp2_rank(rank: int, args, port: int, out_dir: str) -> None:
     torch.set_num_threads(max(1, args.threads // 2))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     baseline = _status("VmRSS")
-    model = build_model(args)
+    meta = TrainEngine.init_on_meta("fsdp2", rank, 2) and not args.every_rank_builds  # rank 1: on meta
+    model = build_model(args, meta=meta)
     engine = TrainEngine("fp32", "cpu", strategy="fsdp2")
     engine.prepare(model)
+    loaded = _status("VmHWM") - baseline  # the peak of building, sharding and filling the model
+    if args.every_rank_builds:  # the loading before rank-0 filling: each rank builds it whole
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "load_peak_bytes": loaded}))
+        dist.destroy_process_group()
+        return
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     allocate_optimizer_state(optimizer, trainable)  # as child_train, so the two runs' steps compare
@@ -206,7 +220,7 @@ def _fsdp2_rank(rank: int, args, port: int, out_dir: str) -> None:
         losses.append(float(loss))
     peak = _status("VmHWM")
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
-        "rank": rank, "state_bytes": held, "peak_bytes": peak - baseline, "step_seconds": [round(t, 2) for t in times],
+        "rank": rank, "state_bytes": held, "load_peak_bytes": loaded, "peak_bytes": peak - baseline, "step_seconds": [round(t, 2) for t in times],
         "tokens": batch.input_ids.numel(), "losses": losses}))
     dist.destroy_process_group()
 
@@ -224,6 +238,8 @@ def child_fsdp2(args) -> dict:
         s.close()
         mp.start_processes(_fsdp2_rank, args=(args, port, out), nprocs=2, start_method="spawn")
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
+    if args.every_rank_builds:
+        return {"ranks": ranks}
     slowest = max(min(r["step_seconds"]) for r in ranks)
     return {"ranks": ranks, "tokens_per_s": round(sum(r["tokens"] for r in ranks) / slowest, 2)}
 
@@ -243,6 +259,7 @@ def child_train(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     engine = TrainEngine("fp32", "cpu", activation_checkpointing=args.checkpointing)
     engine.prepare(model)
+    loaded = _status("VmHWM") - baseline
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     allocate_optimizer_state(optimizer, trainable)  # held = weights + optimizer state
@@ -264,7 +281,7 @@ def child_train(args) -> dict:
     return {
         "checkpointing": args.checkpointing, "params": params, "layers": model.config.num_hidden_layers,
         "batch": args.batch, "tokens": args.tokens, "threads": args.threads,
-        "baseline_bytes": baseline, "held_bytes": held - baseline, "peak_bytes": peak - baseline,
+        "baseline_bytes": baseline, "load_peak_bytes": loaded, "held_bytes": held - baseline, "peak_bytes": peak - baseline,
         "step_peak_bytes": peak - held, "state_bytes": state, "step_seconds": [round(t, 2) for t in times],
         "tokens_per_s": round(tokens / min(times), 2), "losses": losses,
     }
@@ -315,10 +332,15 @@ def section_fsdp2(args) -> dict:
         raise SystemExit("--only fsdp2 needs an even --batch (each of the 2 ranks trains on half of it)")
     one = run_child("train", args, [])
     two = run_child("fsdp2", args, [])
+    every = run_child("fsdp2", args, ["--every-rank-builds"])
     worst = max(r["state_bytes"] for r in two["ranks"])
     return {
         "fsdp2_state_ratio": round(worst / one["state_bytes"], 4),
         "fsdp2_peak_ratio": round(max(r["peak_bytes"] for r in two["ranks"]) / one["peak_bytes"], 4),
+        "fsdp2_peak_ratio_by_rank": [round(r["peak_bytes"] / one["peak_bytes"], 4) for r in two["ranks"]],
+        "fsdp2_load_peak_ratio_by_rank": [round(r["load_peak_bytes"] / one["load_peak_bytes"], 4) for r in two["ranks"]],
+        "fsdp2_load_peak_ratio_by_rank_every_rank_builds": [round(r["load_peak_bytes"] / one["load_peak_bytes"], 4)
+                                                            for r in every["ranks"]],
         "fsdp2_tokens_per_s": {"one_rank": one["tokens_per_s"], "two_ranks": two["tokens_per_s"]},
         "fsdp2_same_losses": all(abs(a - b) <= 1e-4 * abs(a) for a, b in
                                  zip(one["losses"], [x + y for x, y in zip(*(r["losses"] for r in two["ranks"]))])),
@@ -341,12 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0))))
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--every-rank-builds", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         sys.path.insert(0, str(REPO))
         print(json.dumps(CHILDREN[args.child](args)))
         return 0
-    args.argv = [a for a in argv if a != "--checkpointing"]
+    args.argv = [a for a in argv if a not in ("--checkpointing", "--every-rank-builds")]
     result = {"bench": "scale", "model": f"{MODELS[args.model][0]} shape, random weights", "finetune": "full",
               "optimizer": "adamw", "precision": "fp32"}
     for name in args.only.split(","):

@@ -172,30 +172,32 @@ class TrainEngine:
             with torch.no_grad():
                 for t in list(model.parameters()) + list(model.buffers()):
                     dist.broadcast(t.data, src=0)
-        # Rank 0's whole parameters (references: sharding replaces them in the model), to scatter.
-        whole = None if on_meta or not self.materialized else dict(model.named_parameters())
         if self.hooked:
-            self._root = self._shard(model)
+            self._root = self._shard(model, fill=self.materialized, on_meta=on_meta)
         if self.materialized:
-            self._fill_from_rank0(model, whole)
+            self._fill_buffers_from_rank0(model)
         return model
 
     @torch.no_grad()
-    def _fill_from_rank0(self, model: nn.Module, whole: dict[str, torch.Tensor] | None) -> None:
-        """Allocate a meta-built replica's shards and buffers (`whole` None) and copy rank 0's values
-        in: each parameter scattered from rank 0's whole tensor (`whole`) into every replica's
-        shard, one at a time (a receiving replica holds one whole parameter at a time); each
-        buffer (rotary frequencies, say) broadcast."""
-        import torch.distributed as dist
+    def _scatter_from_rank0(self, model: nn.Module, names: list[str], whole: dict[str, torch.Tensor] | None) -> None:
+        """Scatter rank 0's whole parameters `names` (`whole`: rank 0's, None on the others) into
+        every replica's shards, one at a time: a receiving replica holds one whole parameter at a
+        time, rank 0 frees each whole one once sent."""
         from torch.distributed.tensor import distribute_tensor
 
-        if whole is None:
-            to_empty(self._root, self.device)
-        for name, p in model.named_parameters():
+        params = dict(model.named_parameters())
+        for name in names:
+            p = params[name]
             src = (whole.pop(name).to(self.device, p.dtype) if whole is not None
                    else torch.empty(p.shape, dtype=p.dtype, device=self.device))
             p.copy_(distribute_tensor(src, p.device_mesh, p.placements, src_data_rank=0))
             del src
+
+    @torch.no_grad()
+    def _fill_buffers_from_rank0(self, model: nn.Module) -> None:
+        """Rank 0's buffers (rotary frequencies, say) and RNG state on every replica."""
+        import torch.distributed as dist
+
         for b in model.buffers():
             dist.broadcast(b, src=0)
         # Rank 0's build drew random initial values (heads, adapters) that the others' did not:
@@ -207,7 +209,12 @@ class TrainEngine:
         if self.device_type == "cuda":
             torch.cuda.set_rng_state(states[1])
 
-    def _shard(self, model: nn.Module) -> nn.Module:
+    def _shard(self, model: nn.Module, fill: bool = False, on_meta: bool = False) -> nn.Module:
+        """FSDP2 units over `model`: each decoder layer, then the root. `fill`: replicas built on
+        the meta device get rank 0's parameters. Rank 0 scatters each unit's as soon as it is
+        sharded, so it holds whole parameters only for what is not sharded yet (never the whole
+        model beside its shards); `on_meta` replicas shard everything (no memory), allocate their
+        shards, then receive the same parameters in the same order."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -224,9 +231,28 @@ class TrainEngine:
         for m in model.modules():
             blocks.update(getattr(m, "_no_split_modules", None) or ())
         units = [m for m in model.modules() if type(m).__name__ in blocks]
+        # Rank 0's whole parameters (references: sharding replaces them in the model), to scatter.
+        whole = dict(model.named_parameters()) if fill and not on_meta else None
+        seen: set[str] = set()
+        batches: list[list[str]] = []  # the parameters each fully_shard call took, in order
+
+        def shard(module: nn.Module) -> nn.Module:
+            out = fully_shard(module, **kw)
+            if fill:
+                batch = [n for n, p in model.named_parameters() if n not in seen and hasattr(p, "device_mesh")]
+                seen.update(batch)
+                batches.append(batch)
+                if whole is not None:
+                    self._scatter_from_rank0(model, batch, whole)
+            return out
+
         for unit in units:
-            fully_shard(unit, **kw)
-        root = fully_shard(_Root(model), **kw)
+            shard(unit)
+        root = shard(_Root(model))
+        if fill and on_meta:
+            to_empty(root, self.device)
+            for batch in batches:
+                self._scatter_from_rank0(model, batch, None)
         for unit in units + [root]:
             unit.set_gradient_divide_factor(1.0)  # the losses are shares of the step's: sum, not average
             unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM

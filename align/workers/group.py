@@ -79,9 +79,12 @@ class WorkerGroup:
         actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0,
                                **extra)(worker_cls)
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        # Independent workers (distributed=False) are each a world of one: no process group, nothing
+        # sharded, no rank built on the meta device waiting for a rank 0 that never sends.
+        world = num_replicas if distributed else 1
         self.actors = [
             actor_cls.options(name=f"{run_id}/{name}-{rank}", runtime_env={"env_vars": env}).remote(
-                _with_threads(spec, threads), name=f"{name}-{rank}", rank=rank, world_size=num_replicas
+                _with_threads(spec, threads), name=f"{name}-{rank}", rank=rank, world_size=world
             )
             for rank in range(num_replicas)
         ]

@@ -199,6 +199,19 @@ def test_async_resume_after_sigkill_restarts_the_queue_without_losing_or_repeati
 
 
 @pytest.mark.slow
+def test_async_with_two_rollout_workers(ray_cluster, tmp_path):
+    """cluster.num_rollout_replicas=2 (one trainer, two rollout workers, 0.5 CPU each): the rollout
+    workers are independent (no process group), each a world of one, so the default `single`
+    strategy serves them and each holds the real model: the run trains full batches with the
+    one-version lag."""
+    rows = _run(tmp_path, "two", "trainer.max_steps=3", "rollout.mode=async", "rollout.max_staleness=1",
+                "cluster.num_rollout_replicas=2", "cluster.num_cpus_per_worker=0.5", f"cluster.address={ray_cluster}")
+    assert [r["async/lag_max"] for r in rows[1:]] == [0, 1, 1]
+    assert all(r["samples"] == 8 and r["actor/grad_norm"] > 0 for r in rows[1:])
+    assert rows[1]["actor/mismatch/abs_logp_diff"] < 1e-4  # both workers sampled from the actor's weights
+
+
+@pytest.mark.slow
 def test_async_with_data_parallel_trainer_replicas(ray_cluster, tmp_path):
     """Two ddp trainer replicas and one rollout worker (0.5 CPU each): rank 0 publishes the
     replicas' common weights while rank 1 takes part in the call; the run completes with the
