@@ -17,11 +17,15 @@ def _draws() -> tuple:
     return torch.rand(4).tolist(), random.random(), float(np.random.rand())
 
 
-def test_each_replica_saves_and_restores_its_own_rng(stories_path, tmp_path):
+def test_each_replica_saves_and_restores_its_own_rng(stories_path, tmp_path, monkeypatch):
     """Two replicas of one group save into one folder, each from its own RNG state (one process
     stands in for both, so each is seeded just before it saves); after the streams move on,
     `load` puts each replica back on its own stream. A replica whose files are missing warns,
-    naming the file, and keeps its RNG."""
+    naming the file, and keeps its RNG. (With no process group to fill it from rank 0, replica 1
+    builds its model for real rather than on the meta device.)"""
+    from align.engine import TrainEngine
+
+    monkeypatch.setattr(TrainEngine, "init_on_meta", staticmethod(lambda *args: False))
     spec = WorkerSpec(model=ModelConfig(name_or_path=stories_path, finetune="lora", lora=LoraConfig(dropout=0.1)),
                       trainer=TrainerConfig(strategy="ddp"), roles=("actor",))
     replicas = [ModelWorker(spec, rank=rank, world_size=2) for rank in (0, 1)]
