@@ -585,6 +585,11 @@ class ModelWorker:
         from rollout.vllm_engine import VLLMEngine
 
         m, r = self.spec.model, self.spec.rollout
+        if self.world_size > 1:
+            # An engine core in this process would initialise torch.distributed's default group for
+            # itself (a world of one), which the replicas' group needs: run it in its own process
+            # (vLLM's default on GPU; the CPU tests run it in-process for speed).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         lora = self.model.is_lora
         with self.model.using("actor") as lm:
             model_context = getattr(lm.config, "max_position_embeddings", None)
