@@ -179,19 +179,19 @@ def probe(args) -> dict:
     import torch
 
     from align.config import shared_data_dir
-    from align.data import DataStats, build_split, load_examples
+    from align.data import DataStats, load_examples
+    from align.data.split import train_val_split
 
     torch.manual_seed(args.seed)
-    path = lambda s: os.path.join(shared_data_dir(), "hh-rlhf", f"{s}_test.jsonl.gz")  # noqa: E731
-    subsets = SUBSETS[1:]
     stats = DataStats()
-    train, held_out = build_split(path(args.subset), "hh", val_size=args.val_size, seed=args.seed,
-                                  on_error="skip", stats=stats)
-    tests = {s: held_out[:args.test_size] if s == args.subset
-             else load_examples(path(s), "hh", on_error="skip", limit=args.test_size, stats=stats) for s in subsets}
+    pairs = {s: load_examples(os.path.join(shared_data_dir(), "hh-rlhf", f"{s}_test.jsonl.gz"), "hh",
+                              on_error="skip", stats=stats) for s in SUBSETS[1:]}
+    # the RM run's split (build_split: val_size held out by content hash), the others' first pairs
+    train, held_out = train_val_split(pairs[args.subset], val_size=min(args.val_size, len(pairs[args.subset])),
+                                      seed=args.seed)
+    tests = {s: held_out[:args.test_size] if s == args.subset else rows[:args.test_size] for s, rows in pairs.items()}
     features = {}
-    for s in subsets:
-        rows = load_examples(path(s), "hh", on_error="skip")
+    for s, rows in pairs.items():
         fc = [surface_features(e.prompt, e.chosen) for e in rows]
         fr = [surface_features(e.prompt, e.rejected) for e in rows]
         features[s] = {k: round(sum(c[k] > r[k] for c, r in zip(fc, fr, strict=True))

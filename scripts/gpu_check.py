@@ -177,7 +177,8 @@ def rl_through_ray_check(model_path: str, out: Path) -> dict:
 
 FSDP2_ONE_GPU = """
 import sys, torch, torch.distributed as dist
-dist.init_process_group("cpu:gloo,cuda:nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+from align.engine import distributed
+dist.init_process_group(distributed.backend(cuda=True), init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
 torch.cuda.set_device(0)
 from align.config import compose
 from align.trainers import run

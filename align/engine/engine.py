@@ -167,11 +167,7 @@ class TrainEngine:
                 if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
                     p.data = p.data.float()
         if self.strategy == "ddp" and self.world_size > 1 and not self.materialized:
-            import torch.distributed as dist
-
-            with torch.no_grad():
-                for t in list(model.parameters()) + list(model.buffers()):
-                    dist.broadcast(t.data, src=0)
+            fill_from_rank0(model, self.device)  # replicas built for real: rank 0's weights on every one
         if self.hooked:
             self._root = self._shard(model, fill=self.materialized, on_meta=on_meta)
         if self.materialized:

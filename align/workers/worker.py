@@ -38,9 +38,9 @@ from torch import Tensor
 
 from align.config import ModelConfig, RolloutConfig, TrainerConfig
 from align.engine import TrainEngine, fill_from_rank0
-from align.models.loading import resolve_device
 from align.models.scorer import reward_model_kind
 from align.trainers.checkpoint import rng_state, set_rng_state
+from align.trainers.setup import model_device
 from align.workers.batch import Experience, _pad_to, from_rollout
 
 # annotate(): which Experience field each role fills.
@@ -142,8 +142,7 @@ class ModelWorker:
         meta = TrainEngine.init_on_meta(spec.trainer.strategy, rank, world_size)
         self.model, self.tokenizer = build_role_model(spec, meta=meta)
         self.model.packed = spec.trainer.max_tokens_per_micro is not None  # padding-free passes
-        # where the model is (batches arrive on the CPU)
-        self.device = resolve_device(spec.model.device) if meta else next(self.model.parameters()).device
+        self.device = model_device(self.model, spec.model)  # batches arrive on the CPU
         # Strategy, precision, checkpointing, the replicas' gradient reduction, clipping and the step
         # (align/engine). With replicas, the model is prepared (broadcast or sharded) once their group exists.
         self.train_engine = TrainEngine(spec.trainer.precision, self.device, world_size,
@@ -202,7 +201,7 @@ class ModelWorker:
         if self.train_engine.materialized:  # replicas built on the meta device were filled from rank 0
             if self.rollout_model is not None:  # the rollout copy (whole on every replica): rank 0's
                 fill_from_rank0(self.rollout_model, self.device)
-            elif self.engine is not None and spec.rollout.backend == "vllm":
+            else:  # a vLLM engine takes the filled actor (any other engine needs nothing)
                 self.sync_rollout()
         for role in ("actor", "critic"):
             if role in self.model.roles:
@@ -231,7 +230,7 @@ class ModelWorker:
         return ray.util.get_node_ip_address(), port
 
     def init_distributed(self, master_addr: str, master_port: int) -> None:
-        """Join the replicas' process group (gloo on CPU, NCCL on GPU)."""
+        """Join the replicas' process group (`distributed.backend`: gloo on CPU, NCCL and gloo on GPU)."""
         import torch.distributed as dist
 
         from align.engine import distributed
