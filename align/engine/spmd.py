@@ -17,7 +17,7 @@ The RL stages run their own worker groups (`align.workers`), not this.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 
 class StageWorker:
@@ -28,6 +28,14 @@ class StageWorker:
         import torch
 
         torch.set_num_threads(max(1, threads))
+
+    def info(self) -> dict:
+        """Its rank, pid, host and log file (named when it dies: `crash_report`)."""
+        import socket
+
+        from align.workers.group import own_log
+
+        return {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(), "log": own_log()}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a free port, for rank 0 to host the process group."""
@@ -85,9 +93,10 @@ def run_replicated(cfg, hydra_cfg=None) -> dict:
             resolved.pop("hydra", None)
             hydra_cfg = OmegaConf.create(resolved)
         try:
+            infos = ray.get([a.info.remote() for a in actors], timeout=cluster.worker_start_timeout_s)
             addr, port = ray.get(actors[0].rendezvous_address.remote(), timeout=cluster.worker_start_timeout_s)
             refs = [a.run.remote(addr, port, cfg, hydra_cfg) for a in actors]
-            summary = _first_result(refs, cfg.algo.name)[0]
+            summary = _first_result(refs, cfg.algo.name, infos)[0]
             # rank 0's own closing line travels through Ray's log forwarding, which may not flush in time
             print(f"{cfg.algo.name} done on {n} replicas ({cfg.trainer.strategy}); outputs in {cfg.output_dir}", flush=True)
             return summary
@@ -106,14 +115,15 @@ def run_replicated(cfg, hydra_cfg=None) -> dict:
 _PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
 
 
-def _first_result(refs: list, stage: str) -> list[Any]:
+def _first_result(refs: list, stage: str, infos: Sequence[dict] = ()) -> list[Any]:
     """Every replica's result. When one fails the others fail in their next collective, so the
     error raised is the cause: the first replica (in rank order) whose error is not a peer's
-    failure, raised as its own type (a ConfigError, a DataError naming the line)."""
+    failure, raised as its own type (a ConfigError, a DataError naming the line); a replica whose
+    process died is named with its pid and what its log says (`infos`: `StageWorker.info`)."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    from align.workers.group import WorkerDiedError
+    from align.workers.group import WorkerDiedError, crash_report
 
     pending = list(refs)
     while pending:
@@ -132,6 +142,9 @@ def _first_result(refs: list, stage: str) -> list[Any]:
                     continue
             rank, err = next(((r, e) for r, e in errors if not any(m in str(e) for m in _PEER_FAILURE)), errors[0])
             if isinstance(err, RayActorError):
-                raise WorkerDiedError(f"{stage} replica {rank} died: {str(err).strip().splitlines()[0][:300]}") from err
+                info = infos[rank] if rank < len(infos) else {}
+                pid = f" (pid {info['pid']}, host {info['host']})" if info else ""
+                raise WorkerDiedError(f"{stage} replica {rank}{pid} died: {str(err).strip().splitlines()[0][:300]}"
+                                      f"{crash_report(info)}") from err
             raise err.as_instanceof_cause() from None
     return ray.get(refs)

@@ -6,11 +6,15 @@ which group serves which role.
     out = group.call("save", path)                       # the same call on every replica
 
 A replica that dies (killed, out of memory, a crash) surfaces as `WorkerDiedError` naming the
-worker, its pid and host and the verb it was running, never as a hang or a bare Ray trace.
+worker, its pid and host and the verb it was running, never as a hang or a bare Ray trace; when
+the process itself crashed (a segfault, an abort), the message also gives its log file and what
+the crash printed there (the signal and Python's stack at the time, which Ray does not forward).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -132,15 +136,18 @@ class WorkerGroup:
                 ray.get(done[0])
             return ray.get(refs)
         except RayActorError as err:
-            raise WorkerDiedError(f"{self._who(err, refs)} died while running {method!r}: {_first_line(err)}") from err
+            who, info = self._who(err, refs)
+            raise WorkerDiedError(f"{who} died while running {method!r}: {_first_line(err)}"
+                                  f"{crash_report(info)}") from err
         except RayTaskError as err:
-            raise WorkerDiedError(f"{self._who(err, refs)} failed in {method!r}: {_first_line(err)}") from err
+            raise WorkerDiedError(f"{self._who(err, refs)[0]} failed in {method!r}: {_first_line(err)}") from err
         except GetTimeoutError as err:
             raise WorkerDiedError(f"worker group {self.name!r} did not answer {method!r} within {timeout} s "
                                   "(not enough free CPUs/GPUs for its actors?)") from err
 
-    def _who(self, err, refs) -> str:
-        """Name the replica that failed: the first one whose result is an error."""
+    def _who(self, err, refs) -> tuple[str, dict]:
+        """Name the replica that failed, the first one whose result is an error, and give what it
+        reported at start (`ModelWorker.info`)."""
         import ray
 
         for info, ref in zip(self.workers_info, refs):
@@ -151,8 +158,8 @@ class WorkerGroup:
                 except Exception:
                     pid = f", pid {info['pid']}" if "pid" in info else ""
                     host = f", host {info['host']}" if "host" in info else ""
-                    return f"worker {info['name']} (group {self.name!r}{pid}{host})"
-        return f"a worker of group {self.name!r}"
+                    return f"worker {info['name']} (group {self.name!r}{pid}{host})", info
+        return f"a worker of group {self.name!r}", {}
 
     def kill(self) -> None:
         import ray
@@ -168,6 +175,56 @@ def _with_threads(spec: WorkerSpec, threads: int) -> WorkerSpec:
     from dataclasses import replace
 
     return replace(spec, num_threads=threads)
+
+
+def own_log() -> str | None:
+    """The file this process's stderr goes to (a Ray worker's `worker-*.err` under the session's
+    logs folder), or None when it is not a file (a terminal, a pipe) or cannot be told."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+    except OSError:  # not Linux
+        return None
+    return path if os.path.isfile(path) else None
+
+
+# How a dying process starts telling it on its stderr: Ray's and Python's signal handlers, a C++
+# abort, glibc's heap checks. What follows is kept when it matches _DETAIL: the native frame
+# (Ray's handler), the top native frames, the Python stack (faulthandler).
+_CRASH = re.compile(r"\*\*\* SIG[A-Z]+ received|Fatal Python error|terminate called|double free|corrupted|malloc\(\)")
+_DETAIL = re.compile(r"PC: @|^@ |most recent call first|^File \"")
+
+
+def crash_report(info: dict, max_bytes: int = 64_000, max_lines: int = 16, native_frames: int = 3) -> str:
+    """For a worker that died: its log file (`info["log"]`, reported at start) and, where that
+    file is on this machine, the crash it printed last (the signal, the native frames, the
+    Python stack of the crashing thread). Empty when the worker reported no log."""
+    path = info.get("log")
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - max_bytes))
+            tail = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:  # on another node
+        return f"; its log: {path} on host {info.get('host', '?')}"
+    tail = [re.sub(r"^\[[^\]]*\] logging\.cc:\d+: ", "", line).strip() for line in tail]  # Ray's copies
+    marks = [i for i, line in enumerate(tail) if _CRASH.search(line)]
+    if not marks:  # SIGKILL (the out-of-memory killer, `kill -9`) leaves nothing
+        return f"; its log {path} (no crash report in it)"
+    first = len(marks) - 1  # the last crash's first line: marks less than a native stack apart
+    while first > 0 and marks[first] - marks[first - 1] <= 64:
+        first -= 1
+    lines: list[str] = []
+    frames = 0
+    for line in tail[marks[first]:]:
+        if line in lines or not (_CRASH.search(line) or _DETAIL.search(line)):
+            continue
+        if line.startswith("@ "):
+            frames += 1
+            if frames > native_frames:
+                continue
+        lines.append(line)
+    return f"; its log {path}: " + " | ".join(lines[:max_lines])
 
 
 def _first_line(err: Exception) -> str:

@@ -727,10 +727,14 @@ def build_role_model(spec: WorkerSpec, meta: bool = False):
 
 
 def _worker_info(name: str, rank: int, roles: list[str]) -> dict:
-    """What a worker reports at start (workers.json, and `WorkerDiedError` messages)."""
+    """What a worker reports at start (workers.json, and `WorkerDiedError` messages): its log is
+    where a crash that kills the process (a segfault, an abort) is told, never to the driver."""
     import socket
 
-    return {"name": name, "rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "roles": roles}
+    from align.workers.group import own_log
+
+    return {"name": name, "rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "roles": roles,
+            "log": own_log()}
 
 
 def build_scorer(spec: WorkerSpec):

@@ -42,7 +42,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(ray_cluster, tmp_
 @pytest.mark.slow
 def test_dead_worker_names_itself_and_leaves_the_checkpoint_intact(ray_cluster, tmp_path):
     """Kill the worker process (SIGKILL) once a checkpoint exists: the driver raises an error
-    naming the worker, its pid and the intact last checkpoint, and that checkpoint loads."""
+    naming the worker, its pid, its log and the intact last checkpoint, and that checkpoint loads."""
     from safetensors.torch import load_file
 
     from align.trainers.checkpoint import STATE, Checkpointer
@@ -68,6 +68,7 @@ def test_dead_worker_names_itself_and_leaves_the_checkpoint_intact(ray_cluster, 
     latest = Checkpointer(tmp_path).latest()
     assert latest is not None
     assert "model-0" in message and str(worker["pid"]) in message and "died" in message
+    assert f"its log {worker['log']} (no crash report in it)" in message  # SIGKILL prints nothing
     assert f"the last checkpoint, {latest}, is intact" in message
     state = json.loads((latest / STATE).read_text())
     assert state["step"] >= 1
