@@ -63,7 +63,10 @@ def pin_malloc_threshold(threshold: int = 1 << 20) -> None:
 
 
 def main() -> None:
+    from align.lifecycle import quiet_arrow_jemalloc
+
     pin_malloc_threshold()
+    quiet_arrow_jemalloc()
     if sys.argv[1:2] == ["plan"]:  # before Hydra: the planner composes the same overrides itself
         from align.plan import main as plan_main
 

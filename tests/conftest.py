@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from align.config import shared_data_dir
+from align.lifecycle import quiet_arrow_jemalloc
+
+quiet_arrow_jemalloc()  # as `python -m align` does, before anything loads pyarrow
 
 SHARED = Path(shared_data_dir())
 STORIES = SHARED / "models" / "stories260K"

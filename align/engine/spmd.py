@@ -71,15 +71,14 @@ def run_replicated(cfg, hydra_cfg=None) -> dict:
     import ray
 
     from align.trainers.rl import init_ray
-    from align.workers.group import WorkerDiedError, gpus_per_worker
+    from align.workers.group import WorkerDiedError, gpus_per_worker, worker_env
 
     cluster = cfg.cluster
     shutdown = init_ray(cluster)
     try:
         num_gpus = gpus_per_worker(cluster, cfg.model, float(ray.cluster_resources().get("GPU", 0)))
         threads = max(1, int(cluster.num_cpus_per_worker))
-        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-               "ALIGN_REPLICA_OF": cfg.algo.name}
+        env = {**worker_env(threads), "ALIGN_REPLICA_OF": cfg.algo.name}
         if os.environ.get("ALIGN_DATA_DIR"):
             env["ALIGN_DATA_DIR"] = os.environ["ALIGN_DATA_DIR"]
         actor_cls = ray.remote(num_cpus=cluster.num_cpus_per_worker, num_gpus=num_gpus, max_restarts=0)(StageWorker)

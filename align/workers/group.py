@@ -82,7 +82,7 @@ class WorkerGroup:
         extra = {"concurrency_groups": concurrency_groups} if concurrency_groups else {}
         actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0,
                                **extra)(worker_cls)
-        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env = worker_env(threads)
         # Independent workers (distributed=False) are each a world of one: no process group, nothing
         # sharded, no rank built on the meta device waiting for a rank 0 that never sends.
         world = num_replicas if distributed else 1
@@ -169,6 +169,15 @@ class WorkerGroup:
                 ray.kill(a, no_restart=True)
             except Exception:  # already dead
                 pass
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """The environment of a Ray worker of ours: `threads` CPU threads for torch (OpenMP), no
+    tokenizer thread pool, and Arrow's jemalloc without its background thread (see
+    `align.lifecycle.ARROW_JEMALLOC_ENV`)."""
+    from align.lifecycle import ARROW_JEMALLOC_ENV
+
+    return {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **ARROW_JEMALLOC_ENV}
 
 
 def _with_threads(spec: WorkerSpec, threads: int) -> WorkerSpec:

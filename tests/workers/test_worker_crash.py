@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
-from align.workers.group import crash_report
+from align.workers.group import crash_report, worker_env
+
+
+def test_worker_env_keeps_arrow_jemalloc_background_thread_off():
+    assert worker_env(3) == {"OMP_NUM_THREADS": "3", "TOKENIZERS_PARALLELISM": "false",
+                             "JE_ARROW_MALLOC_CONF": "background_thread:false"}
 
 # The end of a Ray worker's .err as it died in CI (stop 24): earlier noise, a handled traceback,
 # then Ray's signal handler (each line twice: raw and through Ray's logger) and faulthandler.
@@ -62,8 +68,10 @@ def test_crash_report_quotes_the_last_crash_once(tmp_path):
 
 @pytest.mark.slow
 def test_segfaulted_worker_is_named_with_its_log_and_crash(ray_cluster, stories_path):
-    """A real worker process, crashed by SIGSEGV: the next call raises `WorkerDiedError` naming
-    it, its log file (reported at start, under Ray's session logs) and the segfault."""
+    """A real worker process runs without Arrow's jemalloc background thread (a known source of
+    random segfaults, `align.lifecycle.ARROW_JEMALLOC_ENV`); crashed by SIGSEGV, the next call
+    raises `WorkerDiedError` naming it, its log file (reported at start, under Ray's session
+    logs) and the segfault."""
     from align.config import ModelConfig, TrainerConfig
     from align.workers.group import WorkerDiedError, WorkerGroup
     from align.workers.worker import WorkerSpec
@@ -73,6 +81,11 @@ def test_segfaulted_worker_is_named_with_its_log_and_crash(ray_cluster, stories_
     try:
         info = group.workers_info[0]
         assert info["log"] and os.path.isfile(info["log"]) and info["log"].endswith(".err"), info
+        # pyarrow is loaded in a worker (datasets), but not its jemalloc's background thread
+        proc = Path(f"/proc/{info['pid']}")
+        assert "libarrow" in (proc / "maps").read_text()
+        threads = {(t / "comm").read_text().strip() for t in (proc / "task").iterdir()}
+        assert "jemalloc_bg_thd" not in threads, threads
         os.kill(info["pid"], signal.SIGSEGV)
         with pytest.raises(WorkerDiedError) as err:
             group.call("info")
