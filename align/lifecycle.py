@@ -46,11 +46,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # pyarrow (which `datasets` imports) bundles jemalloc, and that jemalloc starts a background
 # thread as soon as libarrow loads, although Arrow's default pool is mimalloc and nothing of ours
-# allocates through jemalloc. The thread is a known source of random segfaults (apache/arrow#44342,
-# NVIDIA/cudf#17018); a Ray worker of ours died of a SIGSEGV in a thread with no Python frames, at
-# the thread number the jemalloc thread has in a worker (CI, stop 24). jemalloc reads this at load:
-# the background thread never starts. Set for the driver (`quiet_arrow_jemalloc`) and for every Ray
-# worker (`align.workers.group.worker_env`), whose environment a remote cluster does not inherit.
+# allocates through jemalloc. That thread is a known source of random segfaults (apache/arrow#44342,
+# NVIDIA/cudf#17018), and the likely one of a worker's SIGSEGV in CI (stop 24: a thread with no
+# Python frames, numbered where the jemalloc thread is in our workers). jemalloc reads this
+# variable when it loads: the thread never starts. Set for the driver (`quiet_arrow_jemalloc`) and
+# for every Ray worker (`align.workers.group.worker_env`: a remote cluster inherits nothing).
 ARROW_JEMALLOC_ENV = {"JE_ARROW_MALLOC_CONF": "background_thread:false"}
 
 
@@ -60,6 +60,8 @@ def quiet_arrow_jemalloc() -> None:
     the user set is left alone."""
     for key, value in ARROW_JEMALLOC_ENV.items():
         os.environ.setdefault(key, value)
+
+
 _received: list[int] = []  # stop signals received while `stop_on_signals` is active, in order
 
 
