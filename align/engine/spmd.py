@@ -30,12 +30,10 @@ class StageWorker:
         torch.set_num_threads(max(1, threads))
 
     def info(self) -> dict:
-        """Its rank, pid, host and log file (named when it dies: `crash_report`)."""
-        import socket
+        """Its rank, pid, host and log file (`worker_info`; named when it dies: `crash_report`)."""
+        from align.workers.worker import worker_info
 
-        from align.workers.group import own_log
-
-        return {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(), "log": own_log()}
+        return worker_info(f"replica-{self.rank}", self.rank, [])
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a free port, for rank 0 to host the process group."""
@@ -114,7 +112,7 @@ def run_replicated(cfg, hydra_cfg=None) -> dict:
 _PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
 
 
-def _first_result(refs: list, stage: str, infos: Sequence[dict] = ()) -> list[Any]:
+def _first_result(refs: list, stage: str, infos: Sequence[dict]) -> list[Any]:
     """Every replica's result. When one fails the others fail in their next collective, so the
     error raised is the cause: the first replica (in rank order) whose error is not a peer's
     failure, raised as its own type (a ConfigError, a DataError naming the line); a replica whose
@@ -141,9 +139,8 @@ def _first_result(refs: list, stage: str, infos: Sequence[dict] = ()) -> list[An
                     continue
             rank, err = next(((r, e) for r, e in errors if not any(m in str(e) for m in _PEER_FAILURE)), errors[0])
             if isinstance(err, RayActorError):
-                info = infos[rank] if rank < len(infos) else {}
-                pid = f" (pid {info['pid']}, host {info['host']})" if info else ""
-                raise WorkerDiedError(f"{stage} replica {rank}{pid} died: {str(err).strip().splitlines()[0][:300]}"
-                                      f"{crash_report(info)}") from err
+                info = infos[rank]
+                raise WorkerDiedError(f"{stage} replica {rank} (pid {info['pid']}, host {info['host']}) died: "
+                                      f"{str(err).strip().splitlines()[0][:300]}{crash_report(info)}") from err
             raise err.as_instanceof_cause() from None
     return ray.get(refs)

@@ -216,7 +216,7 @@ class ModelWorker:
 
     # ---- plumbing --------------------------------------------------------------------------------
     def info(self) -> dict:
-        return _worker_info(self.name, self.rank, list(self.model.roles) + (["reward"] if self.scorer is not None else []))
+        return worker_info(self.name, self.rank, list(self.model.roles) + (["reward"] if self.scorer is not None else []))
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a free port, for rank 0 to host the process group."""
@@ -726,7 +726,7 @@ def build_role_model(spec: WorkerSpec, meta: bool = False):
     return model, tokenizer
 
 
-def _worker_info(name: str, rank: int, roles: list[str]) -> dict:
+def worker_info(name: str, rank: int, roles: list[str]) -> dict:
     """What a worker reports at start (workers.json, and `WorkerDiedError` messages): its log is
     where a crash that kills the process (a segfault, an abort) is told, never to the driver."""
     import socket
@@ -767,7 +767,7 @@ class ScorerWorker:
         self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
 
     def info(self) -> dict:
-        return _worker_info(self.name, self.rank, ["reward"])
+        return worker_info(self.name, self.rank, ["reward"])
 
     def rendezvous_address(self) -> tuple[str, int]:
         return "127.0.0.1", 0  # no process group: nothing is reduced across scorer replicas
